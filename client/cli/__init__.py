@@ -1,0 +1,1 @@
+"""The `protoserve` command line: one entry point, one module per subcommand."""
