@@ -1,0 +1,128 @@
+"""The Kubernetes manifests and the image: schema-valid, and consistent with the server's flags."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ROOT / "deploy" / "base"
+GPU_OVERLAY = ROOT / "deploy" / "overlays" / "gpu"
+KUBERNETES_VERSION = "1.33"
+
+
+def _documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _base_resources() -> dict[str, dict[str, Any]]:
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    resources: dict[str, dict[str, Any]] = {}
+    for name in kustomization["resources"]:
+        for doc in _documents(BASE / name):
+            resources[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return resources
+
+
+def _container(deployment: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    listed = set(yaml.safe_load((BASE / "kustomization.yaml").read_text())["resources"])
+    present = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present
+
+
+@pytest.mark.parametrize("key", sorted(_base_resources()))
+def test_base_manifest_is_schema_valid(key: str) -> None:
+    kubernetes_validate.validate(_base_resources()[key], KUBERNETES_VERSION, strict=True)
+
+
+def _render_gpu_deployment() -> dict[str, Any]:
+    deployment = copy.deepcopy(_base_resources()["Deployment/protoserve"])
+    patch = yaml.safe_load((GPU_OVERLAY / "gpu-patch.yaml").read_text())
+    return jsonpatch.apply_patch(deployment, patch)
+
+
+def test_gpu_overlay_renders_to_a_valid_deployment() -> None:
+    deployment = _render_gpu_deployment()
+    kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    server = _container(deployment, "server")
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert server["image"].endswith(":cuda")
+
+
+def test_probes_match_the_configured_ports_and_health_service() -> None:
+    resources = _base_resources()
+    config = resources["ConfigMap/protoserve-config"]["data"]
+    deployment = resources["Deployment/protoserve"]
+    server = _container(deployment, "server")
+    grpc_port = int(config["PROTOSERVE_GRPC_PORT"])
+    assert {p["containerPort"] for p in server["ports"]} == {grpc_port, int(config["PROTOSERVE_METRICS_PORT"])}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["grpc"]["port"] == grpc_port, probe
+    assert server["livenessProbe"]["grpc"]["service"] == "liveness"
+    translator = _container(deployment, "translator")
+    http_port = int(config["PROTOSERVE_HTTP_PORT"])
+    assert translator["readinessProbe"]["httpGet"] == {"path": "/health", "port": http_port}
+    assert translator["ports"][0]["containerPort"] == http_port
+    # Model loading can take minutes: the startup probe allows ten.
+    startup = server["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+
+
+def test_termination_grace_exceeds_drain_grace() -> None:
+    resources = _base_resources()
+    drain = int(resources["ConfigMap/protoserve-config"]["data"]["PROTOSERVE_DRAIN_GRACE"])
+    grace = resources["Deployment/protoserve"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace >= drain + 10
+
+
+def test_sidecar_shares_the_unix_socket_volume() -> None:
+    resources = _base_resources()
+    socket = Path(resources["ConfigMap/protoserve-config"]["data"]["PROTOSERVE_UNIX_SOCKET"])
+    deployment = resources["Deployment/protoserve"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    for name in ("server", "translator"):
+        mounts = {m["mountPath"]: m["name"] for m in _container(deployment, name)["volumeMounts"]}
+        assert "emptyDir" in volumes[mounts[str(socket.parent)]], name
+
+
+def test_grpc_service_is_headless_for_client_side_balancing() -> None:
+    service = _base_resources()["Service/protoserve-grpc"]
+    assert service["spec"]["clusterIP"] == "None"
+
+
+def test_hpa_scales_on_a_metric_the_server_exports() -> None:
+    hpa = _base_resources()["HorizontalPodAutoscaler/protoserve"]
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    metrics_source = "\n".join(p.read_text() for p in (ROOT / "server").rglob("metrics*.py"))
+    assert f'"{metric}"' in metrics_source or f"'{metric}'" in metrics_source, metric
+
+
+def test_pods_run_as_non_root() -> None:
+    spec = _base_resources()["Deployment/protoserve"]["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert "USER 10001" in (ROOT / "Dockerfile").read_text()
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(__import__("sys").executable).parent / "hadolint")
+    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_never_copies_weights() -> None:
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignore[1] == "*" or "*" in ignore, "the .dockerignore must start from nothing"
+    for line in ignore:
+        assert not line.startswith("!") or not line.rstrip("/").endswith(("models", ".venv", "cache")), line
