@@ -30,8 +30,13 @@ def generate(out_dir: Path) -> list[Path]:
     protos = sorted((PROTO_ROOT / PROTO_PACKAGE).glob("*.proto"))
     with tempfile.TemporaryDirectory() as scratch:
         command = [
-            sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_ROOT}",
-            f"--python_out={scratch}", f"--grpc_python_out={scratch}", f"--pyi_out={scratch}",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{PROTO_ROOT}",
+            f"--python_out={scratch}",
+            f"--grpc_python_out={scratch}",
+            f"--pyi_out={scratch}",
             *[str(p) for p in protos],
         ]
         subprocess.run(command, check=True)
@@ -51,8 +56,11 @@ def stale_files(target: Path = TARGET) -> list[str]:
         expected = {p.name for p in produced}
         present = {p.name for p in target.glob("*") if p.is_file() and p.suffix in {".py", ".pyi"}}
         stale = sorted(expected ^ present)
-        stale += [p.name for p in produced if (target / p.name).exists()
-                  and not filecmp.cmp(p, target / p.name, shallow=False)]
+        stale += [
+            p.name
+            for p in produced
+            if (target / p.name).exists() and not filecmp.cmp(p, target / p.name, shallow=False)
+        ]
         return stale
 
 
