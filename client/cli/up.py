@@ -1,0 +1,191 @@
+"""`protoserve up`: the gRPC server and the OpenAI translator as two child processes, for local use.
+
+Order: start `protoserve serve`, wait until its health check says SERVING, start `protoserve
+translate` against it, wait until its HTTP port accepts connections, print the addresses. SIGINT and
+SIGTERM are forwarded to both children once each time they arrive (the server drains on the first
+and aborts on a second). The children run in process groups of their own, so a Ctrl-C in the terminal
+reaches them only through `up` and a draining server does not see it twice. When one child exits on
+its own, the other is stopped and `up` exits non-zero. `up` waits for both children before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from protoserve.client.cli.supervisor import ChildProcess, Supervisor, wait_for_tcp_port
+
+DEFAULT_GRPC_PORT = 50051
+DEFAULT_HTTP_PORT = 8000
+_ANY_ADDRESS = {"0.0.0.0", "::", "[::]", ""}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address both servers listen on (default 127.0.0.1)")
+    parser.add_argument("--grpc-port", type=_port, default=DEFAULT_GRPC_PORT, help="gRPC port (default 50051)")
+    parser.add_argument("--http-port", type=_port, default=DEFAULT_HTTP_PORT, help="OpenAI API port (default 8000)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        metavar="[ID=]PATH",
+        help="a model folder to serve; repeatable. Default: the three demo models (chat, speech, vision)",
+    )
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), help="passed to serve")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="passed to serve")
+    parser.add_argument("--api-key", metavar="KEY", help="required by both servers; the translator sends it upstream")
+    parser.add_argument(
+        "--startup-timeout",
+        type=_positive_seconds,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up when a server is not ready after this long (default 600)",
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="after a shutdown signal, kill children still running after this long (default 60)",
+    )
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not in 1..65535")
+    return port
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
+    return seconds
+
+
+@dataclass(frozen=True)
+class UpPlan:
+    """The two child command lines and where to find them once they run."""
+
+    server_command: tuple[str, ...]
+    translator_command: tuple[str, ...]
+    grpc_target: str  # where `up` checks the server's health
+    http_host: str  # where `up` checks that the translator listens
+    http_port: int
+    api_key: str | None = None
+    startup_timeout: float = 600.0
+    stop_timeout: float = 60.0
+
+    @property
+    def http_url(self) -> str:
+        host = f"[{self.http_host}]" if ":" in self.http_host else self.http_host
+        return f"http://{host}:{self.http_port}"
+
+
+def connect_host(host: str) -> str:
+    """Where a local client reaches a server listening on `host` (the loopback for any-address)."""
+    return "127.0.0.1" if host in _ANY_ADDRESS else host
+
+
+def plan_children(
+    args: argparse.Namespace,
+    *,
+    demo_model_folders: Callable[[], dict[str, Path]] | None = None,
+    protoserve_command: Sequence[str] = (sys.executable, "-m", "protoserve.client.cli"),
+) -> UpPlan:
+    """The children's command lines for `args`; `demo_model_folders` gives the default models."""
+    models = list(args.model or ())
+    if not models:
+        if demo_model_folders is None:
+            from protoserve.client.cli.models import fetch_demo_model_folders
+
+            demo_model_folders = fetch_demo_model_folders
+        models = [str(folder) for folder in demo_model_folders().values()]
+    reachable = connect_host(args.host)
+    grpc_host = f"[{reachable}]" if ":" in reachable else reachable
+    server = [*protoserve_command, "serve", "--host", args.host, "--port", str(args.grpc_port)]
+    for model in models:
+        server += ["--model", model]
+    for flag, value in (("--dtype", args.dtype), ("--device", args.device), ("--api-key", args.api_key)):
+        if value:
+            server += [flag, value]
+    translator = [*protoserve_command, "translate", "--host", args.host, "--port", str(args.http_port)]
+    translator += ["--upstream", f"{grpc_host}:{args.grpc_port}"]
+    if args.api_key:
+        translator += ["--api-key", args.api_key, "--upstream-api-key", args.api_key]
+    return UpPlan(
+        server_command=tuple(server),
+        translator_command=tuple(translator),
+        grpc_target=f"{grpc_host}:{args.grpc_port}",
+        http_host=reachable,
+        http_port=args.http_port,
+        api_key=args.api_key,
+        startup_timeout=args.startup_timeout,
+        stop_timeout=args.stop_timeout,
+    )
+
+
+def grpc_health_check(target: str, api_key: str | None) -> Callable[[], bool]:
+    """A probe that is True once the server at `target` reports SERVING."""
+    from protoserve.client import ProtoserveClient, ProtoserveError
+
+    client = ProtoserveClient(target, api_key=api_key)
+
+    def is_serving() -> bool:
+        try:
+            return client.health(timeout=1.0)
+        except ProtoserveError:
+            return False
+
+    return is_serving
+
+
+def run_plan(plan: UpPlan, *, server_ready: Callable[[], bool] | None = None) -> int:
+    """Start, watch and stop both children as the module docstring says; returns the exit status."""
+    supervisor = Supervisor(stop_timeout=plan.stop_timeout)
+    with supervisor.handling_signals():
+        try:
+            server = supervisor.start(ChildProcess("server", plan.server_command))
+        except OSError as error:
+            return supervisor.shut_down(reason=f"cannot start the server: {error}")
+        probe = server_ready or grpc_health_check(plan.grpc_target, plan.api_key)
+        if not supervisor.wait_until(probe, server, plan.startup_timeout):
+            what = f"the gRPC server at {plan.grpc_target}"
+            return supervisor.shut_down(reason=supervisor.not_ready_reason(server, what, plan.startup_timeout))
+        try:
+            translator = supervisor.start(ChildProcess("translator", plan.translator_command))
+        except OSError as error:
+            return supervisor.shut_down(reason=f"cannot start the translator: {error}")
+
+        def http_ready() -> bool:
+            return wait_for_tcp_port(plan.http_host, plan.http_port, timeout=0.5)
+
+        if not supervisor.wait_until(http_ready, translator, plan.startup_timeout):
+            what = f"the translator at {plan.http_url}"
+            return supervisor.shut_down(reason=supervisor.not_ready_reason(translator, what, plan.startup_timeout))
+        print(
+            f"protoserve is up: gRPC at {plan.grpc_target}, OpenAI-compatible API at {plan.http_url}/v1\n"
+            f"  try: protoserve chat --url {plan.http_url}   (Ctrl-C stops both)",
+            flush=True,
+        )
+        return supervisor.watch()
+
+
+def run(args: argparse.Namespace) -> int:
+    from protoserve.client.cli.models import DemoModelsUnavailable
+
+    try:
+        plan = plan_children(args)
+    except DemoModelsUnavailable as error:
+        print(f"protoserve up: {error}; or name models with --model PATH", file=sys.stderr)
+        return 1
+    return run_plan(plan)
