@@ -11,8 +11,11 @@ its own, the other is stopped and `up` exits non-zero. `up` waits for both child
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,8 +104,15 @@ def plan_children(
     *,
     demo_model_folders: Callable[[], dict[str, Path]] | None = None,
     protoserve_command: Sequence[str] = (sys.executable, "-m", "protoserve.client.cli"),
+    api_key_file: Path | None = None,
 ) -> UpPlan:
-    """The children's command lines for `args`; `demo_model_folders` gives the default models."""
+    """The children's command lines for `args`; `demo_model_folders` gives the default models.
+
+    With `--api-key`, both children read the key from `api_key_file` (written by `run`, mode 0600),
+    so it never appears on a command line that `ps` shows.
+    """
+    if args.api_key and api_key_file is None:
+        raise ValueError("an API key needs api_key_file, the private file the children read it from")
     models = list(args.model or ())
     if not models:
         if demo_model_folders is None:
@@ -115,13 +125,14 @@ def plan_children(
     server = [*protoserve_command, "serve", "--host", args.host, "--port", str(args.grpc_port)]
     for model in models:
         server += ["--model", model]
-    for flag, value in (("--dtype", args.dtype), ("--device", args.device), ("--api-key", args.api_key)):
+    for flag, value in (("--dtype", args.dtype), ("--device", args.device)):
         if value:
             server += [flag, value]
     translator = [*protoserve_command, "translate", "--host", args.host, "--port", str(args.http_port)]
     translator += ["--upstream", f"{grpc_host}:{args.grpc_port}"]
     if args.api_key:
-        translator += ["--api-key", args.api_key, "--upstream-api-key", args.api_key]
+        server += ["--api-key-file", str(api_key_file)]
+        translator += ["--api-key-file", str(api_key_file), "--upstream-api-key-file", str(api_key_file)]
     return UpPlan(
         server_command=tuple(server),
         translator_command=tuple(translator),
@@ -183,9 +194,25 @@ def run_plan(plan: UpPlan, *, server_ready: Callable[[], bool] | None = None) ->
 def run(args: argparse.Namespace) -> int:
     from protoserve.client.cli.models import DemoModelsUnavailable
 
+    with private_key_file(args.api_key) as api_key_file:
+        try:
+            plan = plan_children(args, api_key_file=api_key_file)
+        except DemoModelsUnavailable as error:
+            print(f"protoserve up: {error}; or name models with --model PATH", file=sys.stderr)
+            return 1
+        return run_plan(plan)
+
+
+@contextlib.contextmanager
+def private_key_file(api_key: str | None) -> Iterator[Path | None]:
+    """A file only this user can read holding `api_key`, removed afterwards; None without a key."""
+    if not api_key:
+        yield None
+        return
+    descriptor, name = tempfile.mkstemp(prefix="protoserve-api-key-")
     try:
-        plan = plan_children(args)
-    except DemoModelsUnavailable as error:
-        print(f"protoserve up: {error}; or name models with --model PATH", file=sys.stderr)
-        return 1
-    return run_plan(plan)
+        with os.fdopen(descriptor, "w") as handle:  # mkstemp creates it with mode 0600
+            handle.write(api_key + "\n")
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)

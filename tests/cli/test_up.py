@@ -85,16 +85,27 @@ def parse(*arguments: str) -> argparse.Namespace:
 def test_plan_passes_models_and_flags_through() -> None:
     args = parse("--model", "chat=/m/a", "--model", "/m/b", "--dtype", "float32", "--device", "cpu",
                  "--api-key", "k", "--grpc-port", "6000", "--http-port", "6001", "--host", "0.0.0.0")  # fmt: skip
-    plan = up.plan_children(args, protoserve_command=("protoserve",))
+    plan = up.plan_children(args, protoserve_command=("protoserve",), api_key_file=Path("/run/key"))
     assert plan.server_command == (
         "protoserve", "serve", "--host", "0.0.0.0", "--port", "6000", "--model", "chat=/m/a", "--model", "/m/b",
-        "--dtype", "float32", "--device", "cpu", "--api-key", "k",
+        "--dtype", "float32", "--device", "cpu", "--api-key-file", "/run/key",
     )  # fmt: skip
     assert plan.translator_command == (
         "protoserve", "translate", "--host", "0.0.0.0", "--port", "6001", "--upstream", "127.0.0.1:6000",
-        "--api-key", "k", "--upstream-api-key", "k",
+        "--api-key-file", "/run/key", "--upstream-api-key-file", "/run/key",
     )  # fmt: skip
+    assert "k" not in plan.server_command + plan.translator_command, "the key must stay off command lines"
     assert plan.grpc_target == "127.0.0.1:6000" and plan.http_url == "http://127.0.0.1:6001"
+
+
+def test_api_key_file_is_private_and_removed() -> None:
+    with up.private_key_file("s3cret") as path:
+        assert path is not None
+        assert path.read_text() == "s3cret\n"
+        assert path.stat().st_mode & 0o077 == 0
+    assert not path.exists()
+    with up.private_key_file(None) as nothing:
+        assert nothing is None
 
 
 def test_plan_defaults_to_the_three_demo_models() -> None:

@@ -1,0 +1,74 @@
+"""Reading request bodies within the size limit: the limit is enforced while reading, never after.
+
+A declared Content-Length over the limit is refused before a byte is read; a chunked body is
+counted as it arrives and refused as soon as it passes the limit.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from protoserve.translator.errors import ApiError, invalid_request
+
+_READ_CHUNK_BYTES = 64 * 1024
+_JSON_TYPES = ("application/json",)
+
+
+def too_large(limit: int, what: str = "request body") -> ApiError:
+    """The 413 for a body or upload over `limit` bytes."""
+    return ApiError(413, f"{what} is larger than the limit of {limit} bytes", code="request_too_large")
+
+
+def check_declared_length(request: web.Request, limit: int) -> None:
+    """413 at once when the declared Content-Length is over `limit`."""
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(limit)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A body's bytes as a JSON object; 400 for invalid UTF-8, invalid JSON, NaN/Infinity, or a
+    value that is not an object (string, array, number, null)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_request("the request body is not valid UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise invalid_request("the request body's JSON is nested too deeply") from None
+    except ValueError as error:
+        raise invalid_request(f"the request body is not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        kind = "null" if value is None else type(value).__name__.replace("dict", "object").replace("list", "array")
+        raise invalid_request(f"the request body must be a JSON object, not {kind}")
+    return value
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """The whole body, refusing with 413 once more than `limit` bytes arrive."""
+    check_declared_length(request, limit)
+    received = bytearray()
+    async for chunk in request.content.iter_chunked(_READ_CHUNK_BYTES):
+        received += chunk
+        if len(received) > limit:
+            raise too_large(limit)
+    return bytes(received)
+
+
+async def read_json_object(request: web.Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object: 415 unless it is sent as application/json (a missing Content-Type
+    is taken as JSON), 413 over `limit`, 400 when it is not a JSON object."""
+    if "Content-Type" in request.headers and request.content_type not in _JSON_TYPES:
+        if not request.content_type.endswith("+json"):
+            raise ApiError(
+                415,
+                f"the request body must be sent as application/json, not {request.content_type}",
+                code="unsupported_media_type",
+            )
+    return parse_json_object(await read_limited(request, limit))
