@@ -70,7 +70,10 @@ def test_probes_match_the_configured_ports_and_health_service() -> None:
     assert {p["containerPort"] for p in server["ports"]} == {grpc_port, int(config["PROTOSERVE_METRICS_PORT"])}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == grpc_port, probe
-    assert server["livenessProbe"]["grpc"]["service"] == "liveness"
+    # A draining server is NOT_SERVING; liveness must not restart it before the drain grace ends.
+    drain = int(config["PROTOSERVE_DRAIN_GRACE"])
+    liveness = server["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > drain
     translator = _container(deployment, "translator")
     http_port = int(config["PROTOSERVE_HTTP_PORT"])
     assert translator["readinessProbe"]["httpGet"] == {"path": "/health", "port": http_port}

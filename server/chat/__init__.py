@@ -1,0 +1,1 @@
+"""Chat requests: messages to template inputs, template rendering, images, tools and reasoning."""
