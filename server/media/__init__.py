@@ -1,0 +1,1 @@
+"""Images for vision requests: decoding with size limits and safe fetching of remote URLs."""

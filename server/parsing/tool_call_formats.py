@@ -1,0 +1,50 @@
+"""The tool-call formats models are trained on, and how to recognise them from a chat template.
+
+- hermes (Qwen 2.5/3, Hermes, many fine-tunes): each call is
+  `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`; several calls are several blocks.
+- llama3 (Llama 3.1-3.3 JSON tool calling): `{"name": ..., "parameters": {...}}` at the start of the
+  output, or after `<|python_tag|>`; several calls are separated by `;`.
+- mistral: `[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How one format marks its calls. The parser is generic; this is all that differs."""
+
+    name: str
+    start_markers: tuple[str, ...]  # text that opens a region of calls
+    # Compact (whitespace-free) prefixes that open a region when they begin the output.
+    output_start_prefixes: tuple[str, ...] = ()
+    list_open: str | None = None  # a region may wrap its calls in a list: "[" ... "]"
+    list_close: str | None = None
+    separator: str | None = None  # between calls of one region
+    region_end: str | None = None  # closes a region of exactly one call
+
+
+HERMES = ToolCallFormat(name="hermes", start_markers=("<tool_call>",), region_end="</tool_call>")
+LLAMA3 = ToolCallFormat(
+    name="llama3", start_markers=("<|python_tag|>",), output_start_prefixes=('{"name"', '{"type"'), separator=";"
+)
+MISTRAL = ToolCallFormat(name="mistral", start_markers=("[TOOL_CALLS]",), list_open="[", list_close="]", separator=",")
+
+TOOL_CALL_FORMATS: dict[str, ToolCallFormat] = {fmt.name: fmt for fmt in (HERMES, LLAMA3, MISTRAL)}
+
+
+def detect_tool_parser(chat_template: str | None) -> str | None:
+    """The tool-call format a chat template teaches its model, or None when it names none."""
+    if not chat_template:
+        return None
+    if "<tool_call>" in chat_template:
+        return "hermes"
+    if "[TOOL_CALLS]" in chat_template:
+        return "mistral"
+    if "<|python_tag|>" in chat_template or (
+        "<|start_header_id|>" in chat_template and '"parameters"' in chat_template
+    ):
+        return "llama3"
+    return None

@@ -1,0 +1,145 @@
+"""Decoding one 30-second window with a whisper model, and cutting its tokens into segments.
+
+The decoding loop is ours (a KV-cached greedy or sampling loop over the model's forward) so that
+every rule is visible: special tokens are never sampled, the first token is a timestamp of at most
+1 s, timestamps come in (start, end) pairs and never go backwards, and a timestamp is forced when
+timestamps together are more likely than any text token (the rules of the whisper paper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from protoserve.server.transcription.whisper_tokens import TIME_PER_TIMESTAMP, WhisperTokens
+
+MAX_INITIAL_TIMESTAMP_S = 1.0
+MIN_PROGRESS_S = 1.0  # a window cut before this point counts as consumed, so long audio always advances
+
+
+@dataclass(frozen=True)
+class DecodedWindow:
+    """The sampled tokens of one window (end-of-text excluded) and each token's log-probability."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class WindowSegment:
+    """A segment found in a window, times relative to the window's start."""
+
+    start: float
+    end: float
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+
+def apply_timestamp_rules(logits: torch.Tensor, sampled: list[int], tokens: WhisperTokens, window_s: float) -> None:
+    """Mask (in place, with -inf) the tokens whisper's rules forbid after `sampled`."""
+    begin = tokens.timestamp_begin
+    forbidden = -float("inf")
+    logits[tokens.end_of_text + 1 : begin] = forbidden  # special tokens: never sampled
+    last_timestamp_index = begin + int(round(window_s / TIME_PER_TIMESTAMP))
+    logits[last_timestamp_index + 1 :] = forbidden  # no timestamp past the audio in this window
+    if not sampled:
+        logits[:begin] = forbidden  # the first token is a timestamp ...
+        logits[begin + int(MAX_INITIAL_TIMESTAMP_S / TIME_PER_TIMESTAMP) + 1 :] = forbidden  # ... early on
+        return
+    last_is_timestamp = sampled[-1] >= begin
+    penultimate_is_timestamp = len(sampled) < 2 or sampled[-2] >= begin
+    if last_is_timestamp:
+        if penultimate_is_timestamp:
+            logits[begin:] = forbidden  # a pair just closed: text (or end) comes next
+        else:
+            logits[: tokens.end_of_text] = forbidden  # a segment's end: another timestamp or end
+    timestamps = [token for token in sampled if token >= begin]
+    if timestamps:
+        lowest = timestamps[-1] if last_is_timestamp and not penultimate_is_timestamp else timestamps[-1] + 1
+        logits[begin:lowest] = forbidden  # timestamps never go backwards
+    logprobs = torch.log_softmax(logits, dim=-1)
+    if torch.logsumexp(logprobs[begin:], dim=-1) > logprobs[:begin].max():
+        logits[:begin] = forbidden
+
+
+def decode_window(
+    model: Any,
+    encoder_outputs: Any,
+    prefix: list[int],
+    tokens: WhisperTokens,
+    *,
+    window_s: float,
+    max_new_tokens: int,
+    temperature: float,
+    generator: torch.Generator | None,
+    suppressed_tokens: Sequence[int] = (),
+) -> DecodedWindow:
+    """Decode one window from its encoder outputs. `prefix` is the decoder prompt (previous text, then
+    the start sequence)."""
+    device = encoder_outputs.last_hidden_state.device
+    suppressed = torch.tensor(list(suppressed_tokens), dtype=torch.long)
+    with torch.inference_mode():
+        next_input = torch.tensor([prefix], dtype=torch.long, device=device)
+        past_key_values = None
+        sampled: list[int] = []
+        logprobs: list[float] = []
+        for _step in range(max_new_tokens):
+            output = model(
+                encoder_outputs=encoder_outputs,
+                decoder_input_ids=next_input,
+                past_key_values=past_key_values,
+                use_cache=True,
+            )
+            past_key_values = output.past_key_values
+            logits = output.logits[0, -1].float()
+            logits[suppressed.to(logits.device)] = -float("inf")  # the model's suppress_tokens (non-speech)
+            apply_timestamp_rules(logits, sampled, tokens, window_s)
+            if temperature > 0:
+                probabilities = torch.softmax(logits / temperature, dim=-1)
+                token = int(torch.multinomial(probabilities.cpu(), 1, generator=generator).item())
+            else:
+                token = int(torch.argmax(logits).item())
+            logprobs.append(float(torch.log_softmax(logits, dim=-1)[token].item()))
+            if token == tokens.end_of_text:
+                logprobs.pop()
+                break
+            sampled.append(token)
+            next_input = torch.tensor([[token]], dtype=torch.long, device=device)
+    return DecodedWindow(token_ids=tuple(sampled), logprobs=tuple(logprobs))
+
+
+def split_segments(window: DecodedWindow, tokens: WhisperTokens, window_s: float) -> tuple[list[WindowSegment], float]:
+    """Cut a window's tokens at timestamp pairs; also return how far (seconds) the audio was consumed.
+
+    A window that ends with a single timestamp, or holds no timestamp pair, was consumed entirely;
+    one that ends with a closed pair was cut mid-speech, so decoding resumes at its last timestamp
+    (unless that is under MIN_PROGRESS_S into the window).
+    """
+    ids, logprobs = window.token_ids, window.logprobs
+    begin = tokens.timestamp_begin
+
+    def seconds(token: int) -> float:
+        return min((token - begin) * TIME_PER_TIMESTAMP, window_s)
+
+    pair_ends = [i + 1 for i in range(len(ids) - 1) if ids[i] >= begin and ids[i + 1] >= begin]
+    single_timestamp_ending = len(ids) >= 2 and ids[-1] >= begin and ids[-2] < begin
+    if not pair_ends:
+        stamps = [seconds(token) for token in ids if token >= begin]
+        start = stamps[0] if stamps else 0.0
+        end = stamps[-1] if len(stamps) > 1 else window_s
+        return [WindowSegment(start, max(start, end), ids, logprobs)] if ids else [], window_s
+    cuts = [*pair_ends, len(ids)] if single_timestamp_ending else pair_ends
+    segments: list[WindowSegment] = []
+    previous = 0
+    for cut in cuts:
+        piece = ids[previous:cut]
+        stamps = [seconds(token) for token in piece if token >= begin]
+        if stamps:
+            segments.append(WindowSegment(stamps[0], stamps[-1], piece, logprobs[previous:cut]))
+        previous = cut
+    if single_timestamp_ending:
+        return segments, window_s
+    consumed = seconds(ids[pair_ends[-1] - 1])
+    return segments, consumed if consumed >= MIN_PROGRESS_S else window_s

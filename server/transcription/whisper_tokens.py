@@ -1,0 +1,84 @@
+"""The special tokens of a whisper tokenizer, looked up by name instead of hard-coded ids.
+
+Whisper's vocabulary puts text tokens below `<|endoftext|>`, then special tokens, then the
+timestamp tokens `<|0.00|>` ... `<|30.00|>` starting right after `<|notimestamps|>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from protoserve.server.engine.errors import InvalidRequestError, UnsupportedModelError
+from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+TIME_PER_TIMESTAMP = 0.02  # seconds per timestamp token step
+
+
+@dataclass(frozen=True)
+class WhisperTokens:
+    """Ids of whisper's special tokens and the languages the tokenizer knows."""
+
+    end_of_text: int
+    start_of_transcript: int
+    start_of_previous: int
+    no_timestamps: int
+    transcribe: int
+    translate: int
+    language_ids: dict[str, int]  # language code -> token id
+    multilingual: bool
+
+    @property
+    def timestamp_begin(self) -> int:
+        return self.no_timestamps + 1
+
+    def is_text(self, token_id: int) -> bool:
+        return token_id < self.end_of_text
+
+    def is_timestamp(self, token_id: int) -> bool:
+        return token_id >= self.timestamp_begin
+
+    def language_code(self, language: str) -> str:
+        """Normalise a language given as a code ("en") or a name ("english"); refuse unknown ones."""
+        wanted = language.strip().lower()
+        code = TO_LANGUAGE_CODE.get(wanted, wanted)
+        if code not in self.language_ids:
+            raise InvalidRequestError(
+                f"unknown language {language!r}; use an ISO-639-1 code such as en, de, fr, es, ja"
+            )
+        return code
+
+    def start_sequence(self, language_code: str, task: str) -> list[int]:
+        """The decoder prompt after any previous text: <|startoftranscript|> [<|lang|> <|task|>]."""
+        if not self.multilingual:
+            return [self.start_of_transcript]
+        task_id = self.translate if task == "translate" else self.transcribe
+        return [self.start_of_transcript, self.language_ids[language_code], task_id]
+
+
+def _token_id(tokenizer: Any, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise UnsupportedModelError(f"the speech model's tokenizer has no {token} token; is it a whisper tokenizer?")
+    return int(token_id)
+
+
+def whisper_tokens(tokenizer: Any, multilingual: bool) -> WhisperTokens:
+    """Look up the special tokens; raises UnsupportedModelError when one is missing."""
+    language_ids: dict[str, int] = {}
+    for code in LANGUAGES:
+        token_id = tokenizer.convert_tokens_to_ids(f"<|{code}|>")
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            language_ids[code] = int(token_id)
+    if not language_ids:
+        raise UnsupportedModelError("the speech model's tokenizer has no language tokens; is it a whisper tokenizer?")
+    return WhisperTokens(
+        end_of_text=_token_id(tokenizer, "<|endoftext|>"),
+        start_of_transcript=_token_id(tokenizer, "<|startoftranscript|>"),
+        start_of_previous=_token_id(tokenizer, "<|startofprev|>"),
+        no_timestamps=_token_id(tokenizer, "<|notimestamps|>"),
+        transcribe=_token_id(tokenizer, "<|transcribe|>"),
+        translate=_token_id(tokenizer, "<|translate|>"),
+        language_ids=language_ids,
+        multilingual=multilingual,
+    )
