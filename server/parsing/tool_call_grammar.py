@@ -36,6 +36,9 @@ def _call_schema(function: dict[str, Any], arguments_key: str) -> dict[str, Any]
         "properties": {"name": {"const": function["name"]}, arguments_key: parameters},
         "required": ["name", arguments_key],
         "additionalProperties": False,
+        # Fixed separators, as the formats are trained: with free whitespace a small model can loop on
+        # spaces and never close the call.
+        "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
     }
 
 

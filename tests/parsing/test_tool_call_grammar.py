@@ -82,6 +82,13 @@ def test_grammar_refuses_invalid_calls(bad_call: str) -> None:
     assert not accepts(forced_tool_call_grammar("hermes", TOOLS, None), bad_call)
 
 
+def test_whitespace_is_fixed_so_a_model_cannot_stall_on_spaces() -> None:
+    grammar = forced_tool_call_grammar("hermes", TOOLS, "ping")
+    assert accepts(grammar, '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>')
+    assert not accepts(grammar, '<tool_call>\n{"name":   "ping",  "arguments": {}}\n</tool_call>')
+    assert not accepts(grammar, '<tool_call>\n{\n"name": "ping", "arguments": {}}\n</tool_call>')
+
+
 def test_named_function_is_the_only_one_allowed() -> None:
     grammar = forced_tool_call_grammar("hermes", TOOLS, "ping")
     assert accepts(grammar, '<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>')
