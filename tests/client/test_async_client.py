@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from conftest import FakeServer
+from client_fakes import FakeServer
 from protoserve.client import (
     AsyncProtoserveClient,
     DeadlineExceeded,

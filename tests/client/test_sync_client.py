@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import FakeServer
+from client_fakes import FakeServer
 from protoserve.client import (
     DeadlineExceeded,
     InternalError,
