@@ -47,6 +47,7 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand("up", "run `serve` and `translate` together for local use", "protoserve.client.cli.up"),
     Subcommand("chat", "chat in the terminal with a running server", "protoserve.client.cli.chat"),
     Subcommand("models", "fetch the demo models; list a server's models", "protoserve.client.cli.models"),
+    Subcommand("agent", "run MCP tools with a model, as an agent", "protoserve.client.agent.cli", needs="agent"),
 )
 
 
