@@ -47,3 +47,7 @@ class RequestFailedError(EngineError):
 
 class UnsupportedModelError(EngineError):
     """The engine cannot drive this architecture (raised at load time)."""
+
+
+class ModelLoadError(EngineError):
+    """The model could not be loaded as asked (missing folder, bad dtype/device/quantization option)."""

@@ -1,0 +1,195 @@
+"""Paged attention as a transformers attention function.
+
+The model runs with `config._attn_implementation = "protoserve_paged"`. Every step packs all
+scheduled tokens into one row (batch 1, sequence length = number of tokens, explicit
+`position_ids`), and passes a `PagedAttentionMetadata` as the keyword `paged_metadata`, which
+transformers forwards through the model's `**kwargs` to `paged_attention_forward` in each layer.
+
+The function writes the step's new keys and values into the layer's paged cache (the slots of
+`slot_mapping`), then, per group of sequences, gathers each sequence's keys and values from its
+blocks, pads them to the group's longest context and runs one masked SDPA call for the group:
+one group for decodes (one query each) and one for prefill chunks. The mask is causal within the
+chunk and covers all earlier cached tokens; sliding windows and GQA are handled, soft-capping
+falls back to an explicit softmax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "protoserve_paged"
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended together with one padded SDPA call.
+
+    `query_index[s, i]` is the packed position of query i of sequence s (`query_valid` marks the
+    real ones); `key_slots[s, j]` is the cache slot of key j; `query_positions` and `key_positions`
+    are token positions in the sequence, used for the causal and sliding-window masks.
+    """
+
+    query_index: torch.Tensor  # [S, Q] long
+    query_valid: torch.Tensor  # [S, Q] bool
+    query_positions: torch.Tensor  # [S, Q] long
+    key_slots: torch.Tensor  # [S, K] long
+    key_lengths: torch.Tensor  # [S] long
+    mask: torch.Tensor  # [S, 1, Q, K] bool, True where attention is allowed
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+    _biases: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
+
+    def mask_for_window(self, sliding_window: int | None) -> torch.Tensor:
+        """The boolean mask, narrowed to the last `sliding_window` keys of each query when given."""
+        if sliding_window is None:
+            return self.mask
+        cached = self._masks.get(sliding_window)
+        if cached is None:
+            key_positions = torch.arange(self.key_slots.shape[1], device=self.mask.device)
+            in_window = key_positions[None, None, :] > self.query_positions[:, :, None] - sliding_window
+            cached = self.mask & in_window[:, None, :, :]
+            # Padded query rows keep one key so that softmax never sees an empty row.
+            cached[:, :, :, 0] |= ~self.query_valid[:, None, :]
+            self._masks[sliding_window] = cached
+        return cached
+
+    def bias_for_window(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """The same mask as an additive bias (0 or -inf), built once per step and reused by every layer."""
+        key = (sliding_window, dtype)
+        cached = self._biases.get(key)
+        if cached is None:
+            mask = self.mask_for_window(sliding_window)
+            cached = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            self._biases[key] = cached
+        return cached
+
+
+@dataclass
+class PagedAttentionMetadata:
+    """What one step's attention needs besides q, k, v. Built once per step by the runner."""
+
+    slot_mapping: torch.Tensor  # [T] long: cache slot of each packed token
+    groups: list[AttentionGroup]
+    key_caches: list[torch.Tensor]  # per layer [num_slots, kv_heads, head_dim]
+    value_caches: list[torch.Tensor]
+
+
+def build_attention_group(
+    query_starts: list[int],
+    query_lengths: list[int],
+    context_starts: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device,
+) -> AttentionGroup:
+    """Index tensors for a group of sequences.
+
+    For sequence s: its queries sit at packed positions `query_starts[s] + i` for
+    i < `query_lengths[s]`, at token positions `context_starts[s] + i`; `block_tables[s]` lists
+    the KV blocks of its tokens, so token position p lives in slot
+    `block_tables[s][p // block_size] * block_size + p % block_size`.
+    """
+    num_sequences = len(query_starts)
+    max_queries = max(query_lengths)
+    key_lengths = [start + length for start, length in zip(context_starts, query_lengths, strict=True)]
+    max_keys = max(key_lengths)
+    query_offsets = torch.arange(max_queries)
+    query_lengths_tensor = torch.tensor(query_lengths)
+    query_valid = query_offsets[None, :] < query_lengths_tensor[:, None]
+    query_index = torch.where(query_valid, torch.tensor(query_starts)[:, None] + query_offsets[None, :], 0)
+    query_positions = torch.tensor(context_starts)[:, None] + query_offsets[None, :]
+    max_blocks = max(len(table) for table in block_tables)
+    padded_tables = torch.zeros(num_sequences, max_blocks, dtype=torch.long)
+    for row, table in enumerate(block_tables):
+        padded_tables[row, : len(table)] = torch.tensor(table, dtype=torch.long)
+    key_positions = torch.arange(max_keys)
+    # Keys past a sequence's length point into block 0; the mask hides them.
+    key_blocks = padded_tables[:, (key_positions // block_size).clamp(max=max_blocks - 1)]
+    key_slots = key_blocks * block_size + key_positions % block_size
+    mask = key_positions[None, None, :] <= query_positions[:, :, None]
+    mask[:, :, 0] |= ~query_valid
+    return AttentionGroup(
+        query_index=query_index.to(device),
+        query_valid=query_valid.to(device),
+        query_positions=query_positions.to(device),
+        key_slots=key_slots.to(device),
+        key_lengths=torch.tensor(key_lengths).to(device),
+        mask=mask[:, None, :, :].to(device),
+    )
+
+
+def _attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    group: AttentionGroup,
+    sliding_window: int | None,
+    scaling: float | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """query [S, H, Q, D], key/value [S, KV, K, D] (KV divides H) -> [S, H, Q, D]."""
+    num_heads, num_kv_heads = query.shape[1], key.shape[1]
+    if softcap is None:
+        bias = group.bias_for_window(sliding_window, query.dtype)
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, scale=scaling, enable_gqa=num_heads != num_kv_heads
+        )
+    if num_heads != num_kv_heads:
+        key = key.repeat_interleave(num_heads // num_kv_heads, dim=1)
+        value = value.repeat_interleave(num_heads // num_kv_heads, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    mask = group.mask_for_window(sliding_window)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value)
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    paged_metadata: PagedAttentionMetadata | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query [1, H, T, D], key/value [1, KV, T, D] for the T packed tokens -> ([1, T, H, D], None)."""
+    if paged_metadata is None:
+        raise RuntimeError(
+            f"the {ATTENTION_NAME!r} attention runs only inside the protoserve engine (no paged_metadata given)"
+        )
+    layer_index: int = module.layer_idx  # type: ignore[assignment]
+    key_cache = paged_metadata.key_caches[layer_index]
+    value_cache = paged_metadata.value_caches[layer_index]
+    # [1, KV, T, D] -> [T, KV, D], written at the tokens' slots.
+    key_cache[paged_metadata.slot_mapping] = key[0].transpose(0, 1).to(key_cache.dtype)
+    value_cache[paged_metadata.slot_mapping] = value[0].transpose(0, 1).to(value_cache.dtype)
+
+    packed_queries = query[0].transpose(0, 1)  # [T, H, D]
+    output = torch.empty_like(packed_queries)
+    if sliding_window is None:
+        sliding_window = getattr(module, "sliding_window", None)
+    for group in paged_metadata.groups:
+        group_queries = packed_queries[group.query_index].permute(0, 2, 1, 3)  # [S, H, Q, D]
+        group_keys = key_cache[group.key_slots].permute(0, 2, 1, 3).to(query.dtype)  # [S, KV, K, D]
+        group_values = value_cache[group.key_slots].permute(0, 2, 1, 3).to(query.dtype)
+        attended = _attend(group_queries, group_keys, group_values, group, sliding_window, scaling, softcap)
+        attended = attended.permute(0, 2, 1, 3)  # [S, Q, H, D]
+        output[group.query_index[group.query_valid]] = attended[group.query_valid]
+    return output.unsqueeze(0), None
+
+
+def register_paged_attention() -> str:
+    """Register the function with transformers (idempotent) and return its name."""
+    AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+    return ATTENTION_NAME
