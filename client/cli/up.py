@@ -23,6 +23,8 @@ from protoserve.client.cli.supervisor import ChildProcess, Supervisor, wait_for_
 
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
+# The server's --tool-parser choices (protoserve.server.cli); the client does not import the server.
+TOOL_PARSERS = ("auto", "hermes", "llama3", "mistral", "none")
 _ANY_ADDRESS = {"0.0.0.0", "::", "[::]", ""}
 
 
@@ -38,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), help="passed to serve")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="passed to serve")
+    parser.add_argument(
+        "--tool-parser",
+        choices=TOOL_PARSERS,
+        help="passed to serve: the tool-call format replies are parsed in (default auto: read from the chat "
+        "template, else hermes; none: never parse)",
+    )
     parser.add_argument("--api-key", metavar="KEY", help="required by both servers; the translator sends it upstream")
     parser.add_argument(
         "--startup-timeout",
@@ -125,7 +133,7 @@ def plan_children(
     server = [*protoserve_command, "serve", "--host", args.host, "--port", str(args.grpc_port)]
     for model in models:
         server += ["--model", model]
-    for flag, value in (("--dtype", args.dtype), ("--device", args.device)):
+    for flag, value in (("--dtype", args.dtype), ("--device", args.device), ("--tool-parser", args.tool_parser)):
         if value:
             server += [flag, value]
     translator = [*protoserve_command, "translate", "--host", args.host, "--port", str(args.http_port)]

@@ -8,16 +8,21 @@ The composer holds no protobuf; `convert.py` turns its output into messages.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
 
 
 class ToolCallParser(Protocol):
     """A streaming tool-call parser (see `protoserve.server.parsing.tool_calls`).
 
     Events are text events (with `.text`), tool-call deltas (with `.index`, `.id`, `.name`,
-    `.arguments`; id and name only on a call's first delta) and refused calls (with `.raw_text`,
-    and `.index` set when deltas of that call were already emitted).
+    `.arguments`; id and name only on a call's first delta), call ends (with `.ended_index`: that
+    call is complete and valid) and refused calls (with `.raw_text` and `.message`, and `.index` set
+    when deltas of that call were already emitted).
     """
 
     def feed(self, text: str) -> list[Any]: ...
@@ -65,13 +70,15 @@ class ChoiceComposer:
     """Parses one choice's text as it streams. Invariant: every character fed comes out exactly once,
     as answer text, reasoning text or part of a tool call (markup such as `<think>` may be dropped).
 
-    A refused call that was never announced comes back as answer text; one that was already
-    streamed cannot be taken back, so it stays as sent and does not count as a call for the
-    finish reason.
+    Tool calls are passed on whole: a call's pieces are held until the parser says it ended valid
+    (or, for a parser without end events, until the output ends without the parser refusing it).
+    So a call cut off by max_tokens, or otherwise refused, never reaches the caller as a call with
+    broken arguments; its raw text comes back as answer text instead, and it is logged. Passed-on
+    calls are numbered 0, 1, 2... in order, whatever the parser numbered the refused ones.
 
     `reasoning_tokens` counts the tokens of steps that produced reasoning and no answer text, plus
     steps with no released text while the choice is inside a reasoning section.
-    With `parallel_tool_calls=False` only the first tool call is kept.
+    With `parallel_tool_calls=False` only the first valid tool call is kept.
     """
 
     def __init__(
@@ -86,13 +93,13 @@ class ChoiceComposer:
         self._parallel_tool_calls = parallel_tool_calls
         self._inside_reasoning = False
         self.reasoning_tokens = 0
-        self._announced_calls: set[int] = set()
-        self._failed_calls: set[int] = set()
+        self._held_calls: dict[int, list[ToolCallPiece]] = {}  # by the parser's index, in arrival order
+        self._passed_calls = 0
 
     @property
     def called_tools(self) -> bool:
-        """True once at least one tool call was announced and not refused by the parser."""
-        return bool(self._announced_calls - self._failed_calls)
+        """True once at least one valid tool call was passed on."""
+        return self._passed_calls > 0
 
     def feed(self, text: str, token_count: int) -> ComposedText:
         """Parse the text of one engine step, which generated `token_count` tokens."""
@@ -124,22 +131,28 @@ class ChoiceComposer:
             events = [*events, *self._tool_parser.finish()]
         for event in events:
             if hasattr(event, "raw_text"):  # a call the parser refused
-                if event.index is None:
-                    composed.text += event.raw_text  # never announced: give the model's text back as text
-                else:
-                    self._failed_calls.add(event.index)  # announced and streamed already: it stays as sent
-            elif hasattr(event, "index"):
-                if event.index > 0 and not self._parallel_tool_calls:
-                    continue
-                self._announced_calls.add(event.index)
-                composed.tool_calls.append(
-                    ToolCallPiece(
-                        index=event.index,
-                        id=event.id or "",
-                        name=event.name or "",
-                        arguments=event.arguments or "",
-                    )
+                if event.index is not None:
+                    self._held_calls.pop(event.index, None)
+                logger.info("a tool call was not valid and is returned as text: %s", event.message)
+                composed.text += event.raw_text
+            elif hasattr(event, "ended_index"):
+                self._pass_on(self._held_calls.pop(event.ended_index, []), composed)
+            elif hasattr(event, "arguments"):
+                piece = ToolCallPiece(
+                    index=event.index, id=event.id or "", name=event.name or "", arguments=event.arguments or ""
                 )
+                self._held_calls.setdefault(event.index, []).append(piece)
             else:
                 composed.text += event.text
+        if final:  # the parser refused none of these: they are complete
+            for pieces in self._held_calls.values():
+                self._pass_on(pieces, composed)
+            self._held_calls.clear()
         return composed
+
+    def _pass_on(self, pieces: list[ToolCallPiece], composed: ComposedText) -> None:
+        if not pieces or (self._passed_calls > 0 and not self._parallel_tool_calls):
+            return
+        index = self._passed_calls
+        self._passed_calls += 1
+        composed.tool_calls.extend(dataclasses.replace(piece, index=index) for piece in pieces)

@@ -8,7 +8,7 @@ any one parser's details.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from protoserve.server.chat.composer import ReasoningParser, ToolCallParser
@@ -38,6 +38,12 @@ class ChatParsing:
     """Whether a prompt (its last characters are given) ends inside an open reasoning section,
     as templates that add `<think>` to the generation prompt do."""
 
+    write_tool_calls: Callable[[str, Sequence[tuple[str, Any]]], str] = field(
+        default_factory=lambda: _default_write_tool_calls
+    )
+    """`(parser_name, [(name, arguments), ...])`: calls written in that format, for templates that
+    show neither the tools nor earlier calls themselves (see `protoserve.server.chat.tool_prompt`)."""
+
 
 def prompt_ends_inside_tags(start_tag: str | None, end_tag: str | None, prompt_tail: str) -> bool:
     """True when the last start tag in the prompt's tail is not followed by an end tag."""
@@ -47,6 +53,12 @@ def prompt_ends_inside_tags(start_tag: str | None, end_tag: str | None, prompt_t
     if start < 0:
         return False
     return not end_tag or prompt_tail.find(end_tag, start + len(start_tag)) < 0
+
+
+def _default_write_tool_calls(parser_name: str, calls: Sequence[tuple[str, Any]]) -> str:
+    from protoserve.server.parsing.tool_call_formats import write_tool_calls
+
+    return write_tool_calls(parser_name, calls)
 
 
 def _default_prompt_opens_reasoning(reasoning_format: Any, prompt_tail: str) -> bool:

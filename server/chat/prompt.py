@@ -22,6 +22,7 @@ from protoserve.server.chat.template import (
     render_token_ids,
     require_chat_template,
 )
+from protoserve.server.chat.tool_prompt import conversation_with_tool_prompt
 from protoserve.server.chat.tools import ToolPlan, resolve_tool_parser_name, tool_plan_from_request
 from protoserve.server.convert import struct_to_python
 from protoserve.server.engine.api import MultimodalInputs
@@ -101,13 +102,18 @@ async def prepare_chat_prompt(
     if request.HasField("chat_template_kwargs"):
         template_kwargs = check_template_kwargs(struct_to_python(request.chat_template_kwargs), limits, template)
     template_tools = plan.tools if plan.shows_tools else None
+    messages = conversation.messages
+    if tool_parser_name is not None and parsing is not None:
+        messages = conversation_with_tool_prompt(
+            messages, template_tools or [], template, tool_parser_name, parsing.write_tool_calls
+        )
 
     multimodal = None
     if conversation.image_sources:
         text = await render_text(
             tokenizer,
             template,
-            conversation.messages,
+            messages,
             tools=template_tools,
             template_kwargs=template_kwargs,
             limits=limits,
@@ -118,7 +124,7 @@ async def prepare_chat_prompt(
         processed = await processed_prompt(
             processor,
             template,
-            conversation.messages,
+            messages,
             images,
             tools=template_tools,
             template_kwargs=template_kwargs,
@@ -129,7 +135,7 @@ async def prepare_chat_prompt(
         token_ids = await render_token_ids(
             tokenizer,
             template,
-            conversation.messages,
+            messages,
             tools=template_tools,
             template_kwargs=template_kwargs,
             limits=limits,

@@ -7,13 +7,19 @@ How each tool_choice is served:
   and tool results already in the conversation are still rendered.
 - required / a named function: the template shows the tools, decoding is constrained by the tool
   parser's forced-call grammar (so the reply is a well-formed call, to the named function if one is
-  named), and the output is parsed like auto.
+  named), and the output is parsed like auto. A named function is called once; required allows at
+  most one call per offered tool (`protoserve.server.parsing.tool_call_grammar`).
+
+Which format calls are parsed in: `--tool-parser NAME`, or with "auto" the format the chat template
+names, else hermes. Templates that never show tools get them in a system text
+(`protoserve.server.chat.tool_prompt`).
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +29,8 @@ from protoserve.server.convert import struct_to_python
 from protoserve.server.engine.errors import InvalidRequestError
 from protoserve.server.limits import RequestLimits
 from protoserve.v1 import generation_pb2
+
+logger = logging.getLogger(__name__)
 
 FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -117,10 +125,16 @@ def tool_plan_from_request(request: generation_pb2.ChatRequest, limits: RequestL
     return ToolPlan(ToolMode.AUTO, tools, None, parallel)
 
 
+# Used when a template reveals no tool-call format: the most common one.
+FALLBACK_TOOL_PARSER = "hermes"
+_models_told_about_fallback: set[str] = set()
+
+
 def resolve_tool_parser_name(plan: ToolPlan, configured: str, detected: str | None, model_id: str) -> str | None:
-    """The tool parser for a request whose output is parsed: the server's `--tool-parser`, or the
-    detected one for "auto". With "none" replies are never parsed (tools are still shown), and a
-    forced call is refused, since it needs a known format."""
+    """The tool parser for a request whose output is parsed: the server's `--tool-parser`, or for
+    "auto" the format detected from the chat template, else `FALLBACK_TOOL_PARSER` (logged once per
+    model). With "none" replies are never parsed (tools are still shown), and a forced call is
+    refused, since it needs a known format."""
     if configured == "none":
         if plan.forces_call:
             raise InvalidRequestError(
@@ -131,9 +145,13 @@ def resolve_tool_parser_name(plan: ToolPlan, configured: str, detected: str | No
     if configured and configured != "auto":
         return configured
     if detected is None:
-        raise InvalidRequestError(
-            f"tools were given, but protoserve cannot tell how model {model_id!r} writes tool calls "
-            "(its chat template has no known tool-call format); start the server with --tool-parser NAME, "
-            "or send the request without tools"
-        )
+        if model_id not in _models_told_about_fallback:
+            _models_told_about_fallback.add(model_id)
+            logger.warning(
+                "the chat template of model %r names no tool-call format; tool calls are read as %s "
+                "(<tool_call>{json}</tool_call>). Start the server with --tool-parser NAME to choose another.",
+                model_id,
+                FALLBACK_TOOL_PARSER,
+            )
+        return FALLBACK_TOOL_PARSER
     return detected

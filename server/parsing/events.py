@@ -3,7 +3,9 @@
 A choice's output becomes a sequence of events: `TextEvent`s for answer text, `ToolCallDelta`s for
 calls (the first delta of a call carries its id and name with empty arguments; later deltas carry
 pieces of the arguments' JSON text, which concatenate to a JSON object), and `ToolCallError`s for
-calls that could not be used. Nothing the model wrote is silently dropped: an invalid call comes
+calls that could not be used, and a `ToolCallEnd` after the last delta of each call that completed
+and is valid (a consumer may hold a call's deltas until then, so it never passes on a call that is
+later cut off or refused). Nothing the model wrote is silently dropped: an invalid call comes
 back as a `ToolCallError` holding its raw text.
 """
 
@@ -43,6 +45,13 @@ class ToolCallError:
 
 
 @dataclass(frozen=True)
+class ToolCallEnd:
+    """Call number `index` is complete and valid: all its deltas were emitted before this event."""
+
+    ended_index: int
+
+
+@dataclass(frozen=True)
 class ParsedToolCall:
     """A complete, valid call. `arguments` is the JSON text of the arguments object."""
 
@@ -51,4 +60,4 @@ class ParsedToolCall:
     arguments: str
 
 
-ParseEvent = TextEvent | ToolCallDelta | ToolCallError
+ParseEvent = TextEvent | ToolCallDelta | ToolCallError | ToolCallEnd

@@ -9,7 +9,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -48,3 +51,19 @@ def detect_tool_parser(chat_template: str | None) -> str | None:
     ):
         return "llama3"
     return None
+
+
+def write_tool_calls(format_name: str, calls: Sequence[tuple[str, Any]]) -> str:
+    """Calls `(name, arguments)` written as a model of that format writes them (and the forced-call
+    grammar admits them): JSON with ", " and ": " separators."""
+    if format_name == "hermes":
+        return "\n".join(
+            "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
+            for name, arguments in calls
+        )
+    if format_name == "llama3":
+        return ";".join(json.dumps({"name": name, "parameters": arguments}) for name, arguments in calls)
+    if format_name == "mistral":
+        written = (json.dumps({"name": name, "arguments": arguments}) for name, arguments in calls)
+        return "[TOOL_CALLS][" + ",".join(written) + "]"
+    raise ValueError(f"unknown tool-call format {format_name!r}; choose one of {', '.join(TOOL_CALL_FORMATS)}")

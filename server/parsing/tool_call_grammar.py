@@ -4,6 +4,16 @@ The grammar is llguidance's lark syntax: each call is a `%json {schema}` value w
 the function name and validates the arguments against the tool's `parameters` schema. Markers are
 written as plain text (`<tool_call>`, `[TOOL_CALLS]`), so the parser finds them in the decoded text
 even when the tokenizer also has them as special tokens.
+
+Two rules keep a forced reply finite, so a small greedy model cannot run on until max_tokens:
+- Closed objects: every object schema that lists `properties` and says nothing about
+  `additionalProperties` is closed (`additionalProperties: false`), as OpenAI's strict mode does.
+  Without it the grammar lets the model add keys forever. A schema that allows extra keys explicitly
+  (`additionalProperties: true` or a schema) keeps them; an object schema without `properties` stays
+  free-form. The caller's schema is copied, never changed.
+- Bounded calls: a named function is called exactly once (as OpenAI and vLLM do); `required` allows
+  one call when parallel calls are off and otherwise at most one call per offered tool
+  (`max_forced_calls`). A caller that wants several calls to one tool uses tool_choice auto.
 """
 
 from __future__ import annotations
@@ -15,6 +25,43 @@ from typing import Any
 import llguidance
 from protoserve.server.engine.errors import InvalidRequestError
 from protoserve.server.parsing.tool_call_formats import TOOL_CALL_FORMATS
+
+# Keys whose value is one subschema, or a list of subschemas, or a map of name -> subschema.
+_SUBSCHEMA_KEYS = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames")
+_SUBSCHEMA_LIST_KEYS = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_SUBSCHEMA_MAP_KEYS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+def closed_schema(schema: Any) -> Any:
+    """A copy of `schema` where each object schema with `properties` and no `additionalProperties`
+    gets `additionalProperties: false`, at every depth (properties, items, anyOf, $defs, ...)."""
+    if isinstance(schema, list):
+        return [closed_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = dict(schema)
+    for key in _SUBSCHEMA_KEYS:
+        if isinstance(closed.get(key), dict):
+            closed[key] = closed_schema(closed[key])
+    for key in _SUBSCHEMA_LIST_KEYS:
+        if isinstance(closed.get(key), list):
+            closed[key] = [closed_schema(item) for item in closed[key]]
+    for key in _SUBSCHEMA_MAP_KEYS:
+        if isinstance(closed.get(key), dict):
+            closed[key] = {name: closed_schema(value) for name, value in closed[key].items()}
+    if isinstance(closed.get("additionalProperties"), dict):
+        closed["additionalProperties"] = closed_schema(closed["additionalProperties"])
+    if isinstance(closed.get("properties"), dict) and "additionalProperties" not in closed:
+        closed["additionalProperties"] = False
+    return closed
+
+
+def max_forced_calls(tool_count: int, function_name: str | None, allow_parallel: bool) -> int:
+    """How many calls a forced reply may hold: see the module docstring."""
+    if function_name is not None or not allow_parallel:
+        return 1
+    return max(1, tool_count)
 
 
 def _functions(tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -28,12 +75,12 @@ def _functions(tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _call_schema(function: dict[str, Any], arguments_key: str) -> dict[str, Any]:
-    parameters = function.get("parameters") or {"type": "object"}
+    parameters = function.get("parameters") or _NO_PARAMETERS
     if not isinstance(parameters, dict):
         raise InvalidRequestError(f"the parameters of tool {function['name']!r} must be a JSON schema object")
     return {
         "type": "object",
-        "properties": {"name": {"const": function["name"]}, arguments_key: parameters},
+        "properties": {"name": {"const": function["name"]}, arguments_key: closed_schema(parameters)},
         "required": ["name", arguments_key],
         "additionalProperties": False,
         # Fixed separators, as the formats are trained: with free whitespace a small model can loop on
@@ -46,6 +93,11 @@ def _lark_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a valid lark string literal
 
 
+def _more(separator: str, item: str, extra_calls: int) -> str:
+    """Up to `extra_calls` more items, each after `separator` (empty when none are allowed)."""
+    return f" ({separator} {item}){{0,{extra_calls}}}" if extra_calls > 0 else ""
+
+
 def forced_tool_call_grammar(
     parser_name: str,
     tools: Sequence[dict[str, Any]],
@@ -53,7 +105,8 @@ def forced_tool_call_grammar(
     *,
     allow_parallel: bool = False,
 ) -> str:
-    """Lark grammar forcing one call (several when `allow_parallel`) of `function_name`, or of any tool.
+    """Lark grammar forcing a call of `function_name`, or of any tool; several calls (at most
+    `max_forced_calls`) only when `allow_parallel` and no function is named.
 
     Raises ValueError for an unknown parser name and InvalidRequestError for tools that cannot be
     forced (none given, the named function missing, a parameters schema llguidance cannot enforce).
@@ -68,19 +121,19 @@ def forced_tool_call_grammar(
             raise InvalidRequestError(f"tool_choice names the function {function_name!r}, but no tool has that name")
     if not functions:
         raise InvalidRequestError("a tool call was required, but the request has no tools")
+    extra_calls = max_forced_calls(len(functions), function_name, allow_parallel) - 1
     arguments_key = "parameters" if fmt.name == "llama3" else "arguments"
     rules = [f"call_{number}: %json {json.dumps(_call_schema(function, arguments_key))}" for number, function in
              enumerate(functions)]  # fmt: skip
     call = "call: " + " | ".join(f"call_{number}" for number in range(len(functions)))
     if fmt.name == "hermes":
         block = f"block: {_lark_string('<tool_call>' + chr(10))} call {_lark_string(chr(10) + '</tool_call>')}"
-        start = 'start: block ("\\n" block)*' if allow_parallel else "start: block"
-        lines = [start, block]
+        lines = ["start: block" + _more('"\\n"', "block", extra_calls), block]
     elif fmt.name == "llama3":
-        lines = ['start: call (";" call)*' if allow_parallel else "start: call"]
+        lines = ["start: call" + _more('";"', "call", extra_calls)]
     else:
-        more = ' ("," call)*' if allow_parallel else ""
-        lines = [f'start: {_lark_string("[TOOL_CALLS]")} "[" call{more} "]"']
+        more_calls = _more('","', "call", extra_calls)
+        lines = [f'start: {_lark_string("[TOOL_CALLS]")} "[" call{more_calls} "]"']
     grammar = "\n".join([*lines, call, *rules]) + "\n"
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:

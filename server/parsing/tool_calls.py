@@ -8,6 +8,7 @@ Invariants:
   with the same names and argument text, same errors); only ids are random.
 - A call is announced (first `ToolCallDelta` with id and name) once its name is read and known;
   its arguments then stream as generated, and concatenate to the JSON text of the arguments object.
+  A `ToolCallEnd` follows the last delta of every call that completed and is valid.
 - An invalid call (bad JSON, unknown tool, cut off) becomes a `ToolCallError` with its raw text; it is
   never dropped and never appears in `tool_calls`. See `events.py`.
 """
@@ -20,7 +21,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from protoserve.server.parsing.call_object import CallObjectResult, CallObjectScanner
-from protoserve.server.parsing.events import ParsedToolCall, ParseEvent, TextEvent, ToolCallDelta, ToolCallError
+from protoserve.server.parsing.events import (
+    ParsedToolCall,
+    ParseEvent,
+    TextEvent,
+    ToolCallDelta,
+    ToolCallEnd,
+    ToolCallError,
+)
 from protoserve.server.parsing.tool_call_formats import TOOL_CALL_FORMATS, ToolCallFormat, detect_tool_parser
 from protoserve.server.parsing.tool_call_grammar import forced_tool_call_grammar
 
@@ -242,6 +250,7 @@ class ToolCallStreamParser:
         if self._streamed_arguments == 0:
             events.append(ToolCallDelta(index=self._call_index, arguments=result.arguments))
         self.tool_calls.append(ParsedToolCall(id=self._call_id, name=result.name, arguments=result.arguments))
+        events.append(ToolCallEnd(self._call_index))
 
     def _step_after_call(self, events: list[ParseEvent], final: bool) -> bool:
         fmt = self.format

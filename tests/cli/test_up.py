@@ -84,11 +84,12 @@ def parse(*arguments: str) -> argparse.Namespace:
 
 def test_plan_passes_models_and_flags_through() -> None:
     args = parse("--model", "chat=/m/a", "--model", "/m/b", "--dtype", "float32", "--device", "cpu",
-                 "--api-key", "k", "--grpc-port", "6000", "--http-port", "6001", "--host", "0.0.0.0")  # fmt: skip
+                 "--tool-parser", "hermes", "--api-key", "k", "--grpc-port", "6000", "--http-port", "6001",
+                 "--host", "0.0.0.0")  # fmt: skip
     plan = up.plan_children(args, protoserve_command=("protoserve",), api_key_file=Path("/run/key"))
     assert plan.server_command == (
         "protoserve", "serve", "--host", "0.0.0.0", "--port", "6000", "--model", "chat=/m/a", "--model", "/m/b",
-        "--dtype", "float32", "--device", "cpu", "--api-key-file", "/run/key",
+        "--dtype", "float32", "--device", "cpu", "--tool-parser", "hermes", "--api-key-file", "/run/key",
     )  # fmt: skip
     assert plan.translator_command == (
         "protoserve", "translate", "--host", "0.0.0.0", "--port", "6001", "--upstream", "127.0.0.1:6000",
@@ -96,6 +97,20 @@ def test_plan_passes_models_and_flags_through() -> None:
     )  # fmt: skip
     assert "k" not in plan.server_command + plan.translator_command, "the key must stay off command lines"
     assert plan.grpc_target == "127.0.0.1:6000" and plan.http_url == "http://127.0.0.1:6001"
+
+
+def test_tool_parser_choices_match_the_server() -> None:
+    pytest.importorskip("torch")
+    from protoserve.server.cli import add_serve_arguments
+
+    server_parser = argparse.ArgumentParser()
+    add_serve_arguments(server_parser)
+    choices = next(action.choices for action in server_parser._actions if "--tool-parser" in action.option_strings)
+    assert tuple(choices) == up.TOOL_PARSERS
+    assert up.plan_children(parse("--tool-parser", "none", "--model", "/m")).server_command[-2:] == (
+        "--tool-parser",
+        "none",
+    )
 
 
 def test_api_key_file_is_private_and_removed() -> None:
@@ -115,13 +130,14 @@ def test_plan_defaults_to_the_three_demo_models() -> None:
     models = [plan.server_command[i + 1] for i, part in enumerate(plan.server_command) if part == "--model"]
     assert models == ["/c/chat", "/c/speech", "/c/vision"]
     assert "--dtype" not in plan.server_command and "--api-key" not in plan.translator_command
+    assert "--tool-parser" not in plan.server_command  # the server's own default (auto) applies
     assert plan.grpc_target == "127.0.0.1:50051" and plan.http_port == 8000
 
 
 @pytest.mark.parametrize(
     "arguments",
     [["--grpc-port", "0"], ["--http-port", "70000"], ["--grpc-port", "web"], ["--startup-timeout", "0"],
-     ["--dtype", "float8"], ["--stop-timeout", "soon"]],
+     ["--dtype", "float8"], ["--stop-timeout", "soon"], ["--tool-parser", "xml"]],
 )  # fmt: skip
 def test_bad_arguments_are_usage_errors(arguments: list[str], capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exited:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from protoserve.server.parsing.events import ParseEvent, TextEvent, ToolCallDelta
+from protoserve.server.parsing.events import ParseEvent, TextEvent, ToolCallDelta, ToolCallEnd
 from protoserve.server.parsing.tool_calls import ToolCallStreamParser, create_tool_parser, detect_tool_parser
 
 TOOLS: list[dict[str, Any]] = [
@@ -32,6 +32,7 @@ class Joined:
     calls: dict[int, dict[str, str]] = field(default_factory=dict)
     errors: list[tuple[int | None, str, str]] = field(default_factory=list)
     parsed: list[tuple[str, str]] = field(default_factory=list)
+    ended: list[int] = field(default_factory=list)
 
 
 def join(events: list[ParseEvent], parser: ToolCallStreamParser) -> Joined:
@@ -47,12 +48,19 @@ def join(events: list[ParseEvent], parser: ToolCallStreamParser) -> Joined:
                 joined.calls[event.index] = {"id": event.id, "name": event.name, "arguments": ""}
             else:
                 assert event.index in joined.calls and not event.name
+                assert event.index not in joined.ended, "a delta after its call ended"
                 joined.calls[event.index]["arguments"] += event.arguments
+        elif isinstance(event, ToolCallEnd):
+            assert event.ended_index in joined.calls and event.ended_index not in joined.ended
+            joined.ended.append(event.ended_index)
         else:
             joined.errors.append((event.index, event.raw_text, event.message))
     joined.parsed = [(call.name, call.arguments) for call in parser.tool_calls]
     for call in parser.tool_calls:
         assert any(announced["id"] == call.id for announced in joined.calls.values())
+    # Exactly the valid calls end, and no call that ended is reported as an error.
+    assert [joined.calls[index]["id"] for index in joined.ended] == [call.id for call in parser.tool_calls]
+    assert not {index for index, _, _ in joined.errors} & set(joined.ended)
     return joined
 
 

@@ -117,10 +117,51 @@ def test_refused_calls() -> None:
             [
                 ToolCallDelta(0, "call_a", "f", ""),
                 ToolCallDelta(0, "", "", '{"x": '),
-                ToolCallError(0, "...", "cut off"),
+                ToolCallError(0, '{"name": "f", "arguments": {"x": ', "cut off"),
             ]
         )
     )
     composed = announced.feed("x", 1)
-    assert [piece.arguments for piece in composed.tool_calls] == ["", '{"x": '] and composed.text == ""
-    assert not announced.called_tools  # its only call was refused: the choice does not end with TOOL_CALLS
+    # Its pieces were held, never passed on: the cut-off call comes back as text, not as a broken call.
+    assert composed.tool_calls == [] and composed.text == '{"name": "f", "arguments": {"x": '
+    assert not announced.called_tools and announced.finish().tool_calls == []
+
+
+def test_a_call_is_passed_on_when_it_ends_and_later_refused_calls_do_not_leave_gaps() -> None:
+    from protoserve.server.parsing.events import ToolCallDelta, ToolCallEnd, ToolCallError
+
+    class Stepwise:
+        def __init__(self, steps: list[list[object]]) -> None:
+            self._steps = steps
+
+        def feed(self, text: str) -> list[object]:
+            return self._steps.pop(0)
+
+        def finish(self) -> list[object]:
+            return self._steps.pop(0) if self._steps else []
+
+    composer = ChoiceComposer(
+        tool_parser=Stepwise(
+            [
+                [ToolCallDelta(0, "call_a", "f", ""), ToolCallDelta(0, "", "", '{"x": 1')],
+                [ToolCallDelta(0, "", "", "}"), ToolCallEnd(0), ToolCallDelta(1, "call_b", "f", "")],
+                [ToolCallError(1, "{broken", "bad JSON"), ToolCallDelta(2, "call_c", "g", '{"y": 2}')],
+                [ToolCallEnd(2), ToolCallDelta(3, "call_d", "f", ""), ToolCallDelta(3, "", "", '{"x": ')],
+                [ToolCallError(3, '{"name": "f", "arguments": {"x": ', "the output ended inside a tool call")],
+            ]
+        )
+    )
+    assert composer.feed("a", 1).tool_calls == []  # held until the call ends
+    second = composer.feed("b", 1)
+    assert [(piece.index, piece.id, piece.arguments) for piece in second.tool_calls] == [
+        (0, "call_a", ""),
+        (0, "", '{"x": 1'),
+        (0, "", "}"),
+    ]
+    third = composer.feed("c", 1)
+    assert third.text == "{broken" and third.tool_calls == []
+    fourth = composer.feed("d", 1)
+    assert [(piece.index, piece.id) for piece in fourth.tool_calls] == [(1, "call_c")]  # renumbered, no gap
+    last = composer.finish()
+    assert last.tool_calls == [] and last.text == '{"name": "f", "arguments": {"x": '
+    assert composer.called_tools
