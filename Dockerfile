@@ -39,10 +39,13 @@ RUN groupadd --system --gid 10001 protoserve \
     && mkdir -p /models /run/protoserve \
     && chown protoserve:protoserve /models /run/protoserve
 COPY --from=build /opt/protoserve /opt/protoserve
-COPY --from=build /src/scripts/container-entrypoint.sh /usr/local/bin/protoserve-entrypoint
+COPY --from=build --chmod=0755 /src/scripts/container-entrypoint.sh /usr/local/bin/protoserve-entrypoint
+# The root filesystem is read-only in the pod: every cache lives on the models volume. HF_HOME there
+# also lets hub ids resolve from a hub cache copied to /models/huggingface/hub.
 ENV PATH=/opt/protoserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
+    HF_HOME=/models/huggingface \
     PROTOSERVE_CACHE_DIR=/models/cache
 USER 10001:10001
 WORKDIR /home/protoserve

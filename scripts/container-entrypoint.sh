@@ -13,8 +13,11 @@
 #   PROTOSERVE_API_KEY_FILE  file of API keys, one a line (mounted Secret); used only when it holds a key
 #   PROTOSERVE_DRAIN_GRACE   seconds to finish in-flight work on SIGTERM (default 30)
 #   PROTOSERVE_METRICS_PORT  Prometheus port of the server (default 9090)
-#   PROTOSERVE_EXTRA_ARGS    more flags, appended as they are
-#   PROTOSERVE_DRY_RUN       1: print the command instead of running it
+#   PROTOSERVE_SERVER_ARGS   more `protoserve serve` flags (server role only; ConfigMap)
+#   PROTOSERVE_TRANSLATOR_ARGS  more `protoserve translate` flags (translator role only; ConfigMap)
+#   PROTOSERVE_EXTRA_ARGS    more flags for whatever role runs; set it per container, never in a
+#                            ConfigMap both containers read (serve and translate take different flags)
+#   PROTOSERVE_DRY_RUN       1: print the command, one shell-quoted word each, instead of running it
 set -eu
 
 role="${PROTOSERVE_ROLE:-server}"
@@ -35,8 +38,10 @@ has_keys() {
 }
 
 set -- protoserve
+role_args=""
 case "$role" in
   server)
+    role_args="${PROTOSERVE_SERVER_ARGS:-}"
     set -- "$@" serve --host "$bind_host" --port "$grpc_port" \
         --drain-grace "${PROTOSERVE_DRAIN_GRACE:-30}" \
         --metrics-host "$bind_host" --metrics-port "${PROTOSERVE_METRICS_PORT:-9090}"
@@ -49,6 +54,7 @@ case "$role" in
     has_keys && set -- "$@" --api-key-file "$PROTOSERVE_API_KEY_FILE"
     ;;
   translator)
+    role_args="${PROTOSERVE_TRANSLATOR_ARGS:-}"
     if [ -n "${PROTOSERVE_UPSTREAM:-}" ]; then upstream="$PROTOSERVE_UPSTREAM"
     elif [ -n "$socket" ]; then upstream="unix:$socket"
     else upstream="127.0.0.1:$grpc_port"; fi
@@ -67,11 +73,18 @@ case "$role" in
     exit 2
     ;;
 esac
+# Flags are split on whitespace, as a shell would; they cannot hold spaces.
+# shellcheck disable=SC2086
+[ -n "$role_args" ] && set -- "$@" $role_args
 # shellcheck disable=SC2086
 [ -n "${PROTOSERVE_EXTRA_ARGS:-}" ] && set -- "$@" $PROTOSERVE_EXTRA_ARGS
 
 if [ "${PROTOSERVE_DRY_RUN:-0}" = "1" ]; then
-    echo "$@"
+    # Single-quote every word (a ' inside becomes '\''), so the line can be pasted or parsed back.
+    for word in "$@"; do
+        printf "'%s' " "$(printf '%s' "$word" | sed "s/'/'\\\\''/g")"
+    done
+    printf '\n'
     exit 0
 fi
 exec "$@"

@@ -20,7 +20,7 @@ README = ROOT / "README.md"
 START, END = "<!-- map:start -->", "<!-- map:end -->"
 FOLDERS = {
     "proto": "the `.proto` files: the single source of truth of the API (`protoserve.v1`)",
-    "client": "`protoserve.client`: generated stubs (`client/v1/`, import name `protoserve.v1`), the typed client, the CLI",
+    "client": "`protoserve.client`: generated stubs (`client/v1/`, imported as `protoserve.v1`), typed client, CLI",
     "server": "`protoserve.server`: gRPC services, model loading and the engine; the only part that imports torch",
     "translator": "`protoserve.translator`: the aiohttp OpenAI-compatible layer; never imports torch",
     "scripts": "code generation, benchmarks, report and map writers, the container entrypoint",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from contextlib import suppress
 from typing import TYPE_CHECKING
@@ -87,10 +88,11 @@ def _configure_logging(level: str) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT; returns the process exit code."""
-    from protoserve.server.config import ConfigError, ServerConfig
+    from protoserve.server.config import ConfigError, ServerConfig, check_single_process_launch
 
     _configure_logging(args.log_level)
     try:
+        check_single_process_launch(os.environ)
         config = ServerConfig.from_args(args)
     except ConfigError as exc:
         print(f"protoserve serve: error: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -163,6 +164,28 @@ class ServerConfig:
             tool_parser=args.tool_parser,
             log_level=args.log_level.upper(),
         )
+
+
+def check_single_process_launch(environment: Mapping[str, str]) -> None:
+    """Refuse a multi-process launch (torchrun sets WORLD_SIZE): a server runs each model in one
+    process on one device. Tensor and pipeline parallelism are not supported by the engine: its
+    paged KV cache holds every head of every layer on the model's one device, and nothing keeps
+    several ranks stepping through the same schedule."""
+    value = environment.get("WORLD_SIZE", "").strip()
+    if not value:
+        return
+    try:
+        world_size = int(value)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={value!r} is not a number; protoserve serve runs as one process") from None
+    if world_size == 1:
+        return
+    raise ConfigError(
+        f"launched as one of WORLD_SIZE={world_size} processes (torchrun?), but protoserve serve runs each "
+        "model in one process on one device: tensor and pipeline parallelism are not supported. Run one "
+        "`protoserve serve` per GPU and balance over them (docs/deploying.md, scale-out), or fit the model "
+        "on one device with --quantization 4bit or 8bit"
+    )
 
 
 def _positive(value: int, flag: str) -> int:

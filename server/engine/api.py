@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     """Why a choice ended. Values match the OpenAI strings where OpenAI has one."""
 
     STOP = "stop"  # EOS, a stop token id or a stop string

@@ -83,11 +83,16 @@ def test_probes_match_the_configured_ports_and_health_service() -> None:
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
 
 
-def test_termination_grace_exceeds_drain_grace() -> None:
+def test_termination_grace_exceeds_pre_stop_and_drain_grace() -> None:
     resources = _base_resources()
     drain = int(resources["ConfigMap/protoserve-config"]["data"]["PROTOSERVE_DRAIN_GRACE"])
-    grace = resources["Deployment/protoserve"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace >= drain + 10
+    deployment = resources["Deployment/protoserve"]
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    for name in ("server", "translator"):
+        # Both wait out endpoint removal before SIGTERM; the wait counts against the grace period.
+        command = _container(deployment, name)["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep", name
+        assert grace >= int(command[1]) + drain + 5, name
 
 
 def test_sidecar_shares_the_unix_socket_volume() -> None:

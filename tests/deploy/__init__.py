@@ -1,0 +1,1 @@
+"""Deployment tests: manifests, the container entrypoint, scale-out across replicas, model placement."""
