@@ -150,6 +150,17 @@ def _generation_servicer(registry: ModelRegistry, config: ServerConfig, metrics:
     return GenerationServicer(registry, config, metrics)
 
 
+# Connections are recycled (GOAWAY) after five minutes, so clients balancing over a headless Service
+# re-resolve and reach replicas added since; streams in flight get half an hour to finish. Clients ping
+# every 30 s during a call (client/channel.py): a request that waits in the queue with no data flowing
+# must not be cut off as "too many pings", so pings every 20 s are allowed.
+CONNECTION_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_connection_age_ms", 5 * 60 * 1000),
+    ("grpc.max_connection_age_grace_ms", 30 * 60 * 1000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 20 * 1000),
+)
+
+
 async def start_server(
     config: ServerConfig,
     registry: ModelRegistry | None = None,
@@ -172,6 +183,7 @@ async def start_server(
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            *CONNECTION_OPTIONS,
         ],
     )
     if generation_servicer is None:
