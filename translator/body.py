@@ -7,6 +7,7 @@ counted as it arrives and refused as soon as it passes the limit.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -14,6 +15,8 @@ from protoserve.translator.errors import ApiError, invalid_request
 
 _READ_CHUNK_BYTES = 64 * 1024
 _JSON_TYPES = ("application/json",)
+# A \uD800-\uDFFF escape: JSON may spell half of a surrogate pair this way, which no UTF-8 can carry.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
 
 
 def too_large(limit: int, what: str = "request body") -> ApiError:
@@ -32,8 +35,8 @@ def _reject_constant(name: str) -> Any:
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """A body's bytes as a JSON object; 400 for invalid UTF-8, invalid JSON, NaN/Infinity, or a
-    value that is not an object (string, array, number, null)."""
+    """A body's bytes as a JSON object; 400 for invalid UTF-8 (lone surrogate escapes included),
+    invalid JSON, NaN/Infinity, or a value that is not an object (string, array, number, null)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -44,10 +47,22 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise invalid_request("the request body's JSON is nested too deeply") from None
     except ValueError as error:
         raise invalid_request(f"the request body is not valid JSON: {error}") from None
+    if _SURROGATE_ESCAPE.search(text) is not None:
+        _reject_lone_surrogates(value)
     if not isinstance(value, dict):
         kind = "null" if value is None else type(value).__name__.replace("dict", "object").replace("list", "array")
         raise invalid_request(f"the request body must be a JSON object, not {kind}")
     return value
+
+
+def _reject_lone_surrogates(value: Any) -> None:
+    """400 when an escaped surrogate was not half of a pair (a paired one decodes to one character)."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid_request(
+            "the request body holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF), which is not valid text"
+        ) from None
 
 
 async def read_limited(request: web.Request, limit: int) -> bytes:
