@@ -86,7 +86,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
     """Generate, GenerateUnary, Chat, ChatUnary and Tokenize.
 
     `chat_parsing` replaces the tool-call and reasoning parsers (tests); by default they are
-    `protoserve.server.parsing`'s, loaded on the first chat request.
+    `protoserve.server.parsing`'s, loaded here, so a parser that cannot load fails startup instead
+    of every chat request.
     """
 
     def __init__(
@@ -100,7 +101,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self._registry = registry
         self._config = config
         self._metrics = metrics or ServerMetrics()
-        self._chat_parsing = chat_parsing
+        self._chat_parsing = chat_parsing or default_chat_parsing()
         self._token_texts: weakref.WeakKeyDictionary[Any, TokenText] = weakref.WeakKeyDictionary()
         self._engine_request_numbers = itertools.count()
 
@@ -255,8 +256,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         return list(tokenizer.encode(text))
 
     def _parsing(self) -> ChatParsing:
-        if self._chat_parsing is None:
-            self._chat_parsing = default_chat_parsing()
         return self._chat_parsing
 
     def _token_text(self, tokenizer: Any) -> TokenText:
