@@ -28,9 +28,16 @@ class CallObjectResult:
 
 
 class CallObjectScanner:
-    """Consumes characters of one JSON object; `complete` or `error` is set when it ends."""
+    """Consumes characters of one JSON object; `complete` or `error` is set when it ends.
 
-    def __init__(self) -> None:
+    `CallObjectScanner(arguments_of=name)` reads only the arguments object of a call whose name
+    was written before it (Mistral's `name[ARGS]{...}`): it is primed with the text
+    `{"name": <name>, "arguments": ` and closes the object itself when the arguments object
+    closes, so everything else (streaming, `result()`) works as for a whole call object.
+    `raw_text` is what was fed, without the priming and the closing brace.
+    """
+
+    def __init__(self, arguments_of: str | None = None) -> None:
         self.text = ""
         self.complete = False
         self.error: str | None = None
@@ -45,6 +52,17 @@ class CallObjectScanner:
         self._value_start = 0
         self.arguments_start: int | None = None  # index of the arguments value's first character
         self.arguments_end: int | None = None  # index after its last character, once closed
+        self._arguments_only = arguments_of is not None
+        self._raw_start = 0
+        if arguments_of is not None:
+            self.feed('{"name": ' + json.dumps(arguments_of) + ', "arguments": ')
+            self._raw_start = len(self.text)
+
+    @property
+    def raw_text(self) -> str:
+        """The characters fed by the caller (for an arguments-only scanner, the arguments text)."""
+        end = self.arguments_end if self._arguments_only and self.complete else len(self.text)
+        return self.text[self._raw_start : end]
 
     @property
     def arguments_is_object(self) -> bool:
@@ -132,6 +150,9 @@ class CallObjectScanner:
 
     def _start_top_value(self, character: str, index: int) -> None:
         self._value_start = index
+        if self._arguments_only and self._key in ARGUMENT_KEYS and character != "{":
+            self._fail(f"the tool call's arguments must be a JSON object, not text starting with {character!r}")
+            return
         if self._key in ARGUMENT_KEYS:
             self.arguments_start, self.arguments_end = index, None
         if character == '"':
@@ -154,9 +175,12 @@ class CallObjectScanner:
                 pass
             if isinstance(value, str):
                 self.name = value
+        self._top_state = "after_value"
         if self._key in ARGUMENT_KEYS:
             self.arguments_end = end
-        self._top_state = "after_value"
+            if self._arguments_only:  # the caller's text was only the arguments: close the call here
+                self.text += "}"
+                self._close_object()
 
     def _step_nested(self, character: str, index: int) -> None:
         if character == '"':

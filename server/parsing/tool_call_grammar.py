@@ -2,8 +2,9 @@
 
 The grammar is llguidance's lark syntax: each call is a `%json {schema}` value whose schema pins
 the function name and validates the arguments against the tool's `parameters` schema. Markers are
-written as plain text (`<tool_call>`, `[TOOL_CALLS]`), so the parser finds them in the decoded text
-even when the tokenizer also has them as special tokens.
+written as plain text (`<tool_call>`, `[TOOL_CALLS]`, `[ARGS]`), so the parser finds them in the
+decoded text even when the tokenizer also has them as special tokens. In the mistral_v11 form the
+function name is part of the text before `[ARGS]` and only the arguments are a `%json` value.
 
 Two rules keep a forced reply finite, so a small greedy model cannot run on until max_tokens:
 - Closed objects: every object schema that lists `properties` and says nothing about
@@ -74,19 +75,36 @@ def _functions(tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return functions
 
 
-def _call_schema(function: dict[str, Any], arguments_key: str) -> dict[str, Any]:
+# Fixed separators, as the formats are trained: with free whitespace a small model can loop on
+# spaces and never close the call.
+_FIXED_SEPARATORS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _parameters_schema(function: dict[str, Any]) -> dict[str, Any]:
     parameters = function.get("parameters") or _NO_PARAMETERS
     if not isinstance(parameters, dict):
         raise InvalidRequestError(f"the parameters of tool {function['name']!r} must be a JSON schema object")
+    return dict(closed_schema(parameters))
+
+
+def _call_schema(function: dict[str, Any], arguments_key: str) -> dict[str, Any]:
+    """The schema of a whole call object, `{"name": <this function>, <arguments_key>: {...}}`."""
     return {
         "type": "object",
-        "properties": {"name": {"const": function["name"]}, arguments_key: closed_schema(parameters)},
+        "properties": {"name": {"const": function["name"]}, arguments_key: _parameters_schema(function)},
         "required": ["name", arguments_key],
         "additionalProperties": False,
-        # Fixed separators, as the formats are trained: with free whitespace a small model can loop on
-        # spaces and never close the call.
-        "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
+        "x-guidance": _FIXED_SEPARATORS,
     }
+
+
+def _call_rule(function: dict[str, Any], arguments_key: str, named_arguments: bool) -> str:
+    """The body of one function's grammar rule: a call object, or (`named_arguments`, Mistral v11)
+    `[TOOL_CALLS]name[ARGS]` and the arguments object."""
+    if not named_arguments:
+        return f"%json {json.dumps(_call_schema(function, arguments_key))}"
+    arguments = {**_parameters_schema(function), "x-guidance": _FIXED_SEPARATORS}
+    return f"{_lark_string('[TOOL_CALLS]' + function['name'] + '[ARGS]')} %json {json.dumps(arguments)}"
 
 
 def _lark_string(text: str) -> str:
@@ -123,7 +141,8 @@ def forced_tool_call_grammar(
         raise InvalidRequestError("a tool call was required, but the request has no tools")
     extra_calls = max_forced_calls(len(functions), function_name, allow_parallel) - 1
     arguments_key = "parameters" if fmt.name == "llama3" else "arguments"
-    rules = [f"call_{number}: %json {json.dumps(_call_schema(function, arguments_key))}" for number, function in
+    named_arguments = fmt.name == "mistral_v11"
+    rules = [f"call_{number}: {_call_rule(function, arguments_key, named_arguments)}" for number, function in
              enumerate(functions)]  # fmt: skip
     call = "call: " + " | ".join(f"call_{number}" for number in range(len(functions)))
     if fmt.name == "hermes":
@@ -131,6 +150,8 @@ def forced_tool_call_grammar(
         lines = ["start: block" + _more('"\\n"', "block", extra_calls), block]
     elif fmt.name == "llama3":
         lines = ["start: call" + _more('";"', "call", extra_calls)]
+    elif named_arguments:  # each call opens with its own [TOOL_CALLS]: nothing between calls
+        lines = ["start: call" + (f" call{{0,{extra_calls}}}" if extra_calls > 0 else "")]
     else:
         more_calls = _more('","', "call", extra_calls)
         lines = [f'start: {_lark_string("[TOOL_CALLS]")} "[" call{more_calls} "]"']

@@ -11,11 +11,15 @@ Invariants:
   A `ToolCallEnd` follows the last delta of every call that completed and is valid.
 - An invalid call (bad JSON, unknown tool, cut off) becomes a `ToolCallError` with its raw text; it is
   never dropped and never appears in `tool_calls`. See `events.py`.
+- A call is a JSON object (`{"name": ..., "arguments": {...}}`), or, in formats with an arguments
+  marker, a function name, the marker and the arguments object (`get_weather[ARGS]{"city": "Oslo"}`);
+  after the region's start marker, `{` or the list opener means the first, anything else the second.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +49,7 @@ class _Mode(enum.Enum):
     TEXT = "text"
     REGION_START = "region_start"  # just after a start marker
     BEFORE_CALL = "before_call"  # a call object is expected next
+    NAME = "name"  # a function name, up to the arguments marker
     IN_CALL = "in_call"
     AFTER_CALL = "after_call"  # a separator, the region's end, or text
     SKIP_REGION = "skip_region"  # after a broken call: swallow up to the region's end
@@ -58,6 +63,27 @@ def tool_names(tools: Sequence[dict[str, Any]]) -> set[str]:
         if isinstance(function, dict) and isinstance(function.get("name"), str):
             names.add(function["name"])
     return names
+
+
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,256}")  # OpenAI allows [A-Za-z0-9_-]{1,64}; a little more here
+
+
+def _name_problem(segment: str, fmt: ToolCallFormat, complete: bool) -> str | None:
+    """Why `segment` (the text between the start marker and the arguments marker, or its part
+    received so far when not `complete`) cannot be a function name with an optional call id."""
+    if not complete:
+        markers = [marker for marker in (fmt.arguments_marker, fmt.call_id_marker) if marker]
+        segment = segment[: len(segment) - _held_marker_length(segment, markers)]
+    name, _, call_id = segment.partition(fmt.call_id_marker) if fmt.call_id_marker else (segment, "", "")
+    problem = (
+        f"expected a JSON object, or a function name followed by {fmt.arguments_marker}, after {fmt.start_markers[0]}"
+    )
+    for part in (name.strip(), call_id.strip()):
+        if part and not _FUNCTION_NAME.fullmatch(part):
+            return problem
+    if complete and not name.strip():
+        return problem
+    return None
 
 
 def _new_call_id() -> str:
@@ -92,6 +118,7 @@ class ToolCallStreamParser:
         self._skip_index: int | None = None
         self._call_index: int | None = None  # index of the call being announced
         self._call_id = ""
+        self._call_raw_prefix = ""  # what the model wrote before the scanned text: "name[ARGS]"
         self._streamed_arguments = 0
         self._next_index = 0
         self._finished = False
@@ -118,7 +145,10 @@ class ToolCallStreamParser:
         if mode is _Mode.TEXT:
             self._emit_text(events, self._pending.rstrip() if self.tool_calls else self._pending)
         elif mode is _Mode.IN_CALL:
-            events.append(self._error(self._scanner.text + self._pending, "the output ended inside a tool call"))
+            events.append(self._error(self._call_raw_text() + self._pending, "the output ended inside a tool call"))
+        elif mode is _Mode.NAME:
+            marker = self.format.arguments_marker
+            events.append(ToolCallError(None, self._pending, f"the output ended before {marker} in a tool call"))
         elif mode is _Mode.SKIP_REGION:
             events.append(self._skip_error())
         elif mode in (_Mode.REGION_START, _Mode.BEFORE_CALL) and self._calls_in_region == 0:
@@ -134,6 +164,7 @@ class ToolCallStreamParser:
             _Mode.TEXT: self._step_text,
             _Mode.REGION_START: self._step_region_start,
             _Mode.BEFORE_CALL: self._step_before_call,
+            _Mode.NAME: self._step_name,
             _Mode.IN_CALL: self._step_in_call,
             _Mode.AFTER_CALL: self._step_after_call,
             _Mode.SKIP_REGION: self._step_skip_region,
@@ -183,10 +214,20 @@ class ToolCallStreamParser:
         if not stripped:
             self._pending = ""
             return False
-        if self.format.list_open and stripped.startswith(self.format.list_open):
-            self._in_list = True
-            stripped = stripped[len(self.format.list_open) :]
+        fmt = self.format
         self._pending = stripped
+        marker = fmt.arguments_marker
+        if marker and not final and marker.startswith(stripped) and stripped != marker:
+            return False  # "[" may open a list or begin the arguments marker (a call without a name)
+        if marker and stripped.startswith(marker):
+            self._mode = _Mode.NAME  # reports the missing name
+            return True
+        if fmt.list_open and stripped.startswith(fmt.list_open):
+            self._in_list = True
+            self._pending = stripped[len(fmt.list_open) :]
+        elif fmt.arguments_marker and not stripped.startswith("{"):
+            self._mode = _Mode.NAME
+            return True
         self._mode = _Mode.BEFORE_CALL
         return True
 
@@ -196,9 +237,7 @@ class ToolCallStreamParser:
         if not stripped:
             return False
         if stripped.startswith("{"):
-            self._scanner = CallObjectScanner()
-            self._call_index, self._call_id, self._streamed_arguments = None, "", 0
-            self._mode = _Mode.IN_CALL
+            self._begin_call(CallObjectScanner(), raw_prefix="")
             return True
         if self._in_list and self.format.list_close and stripped.startswith(self.format.list_close):
             self._pending = stripped[len(self.format.list_close) :]
@@ -207,13 +246,39 @@ class ToolCallStreamParser:
         self._begin_skip("", None, "expected a JSON object for the tool call")
         return True
 
+    def _begin_call(self, scanner: CallObjectScanner, raw_prefix: str) -> None:
+        self._scanner, self._call_raw_prefix = scanner, raw_prefix
+        self._call_index, self._call_id, self._streamed_arguments = None, "", 0
+        self._mode = _Mode.IN_CALL
+
+    def _call_raw_text(self) -> str:
+        """What the model wrote of the current call so far."""
+        return self._call_raw_prefix + self._scanner.raw_text
+
+    def _step_name(self, events: list[ParseEvent], final: bool) -> bool:
+        fmt, text = self.format, self._pending
+        marker = fmt.arguments_marker or ""
+        position = text.find(marker)
+        segment = text if position < 0 else text[:position]
+        problem = _name_problem(segment, fmt, complete=position >= 0)
+        if problem is not None:
+            self._begin_skip("", None, problem)  # the text stays pending: the skip takes it as raw text
+            return True
+        if position < 0:
+            return False  # the name goes on, or the marker is still arriving
+        name = segment.partition(fmt.call_id_marker)[0] if fmt.call_id_marker else segment
+        self._pending = text[position + len(marker) :]
+        self._begin_call(CallObjectScanner(arguments_of=name.strip()), raw_prefix=segment + marker)
+        self._announce_and_stream(events)  # the name is known now, before any argument arrives
+        return True
+
     def _step_in_call(self, events: list[ParseEvent], final: bool) -> bool:
         scanner = self._scanner
         used = scanner.feed(self._pending)
         self._pending = self._pending[used:]
         self._announce_and_stream(events)
         if scanner.error is not None:
-            self._begin_skip(scanner.text, self._call_index, scanner.error)
+            self._begin_skip(self._call_raw_text(), self._call_index, scanner.error)
         elif scanner.complete:
             self._complete_call(events)
             self._mode = _Mode.AFTER_CALL
@@ -241,7 +306,7 @@ class ToolCallStreamParser:
                 result.name, "", f"the model called an unknown tool {result.name!r} (tools: {known})"
             )
         if result.error is not None:
-            events.append(ToolCallError(self._call_index, scanner.text, result.error))
+            events.append(ToolCallError(self._call_index, self._call_raw_text(), result.error))
             return
         if self._call_index is None:  # the name was read too late to announce before completion
             self._call_index, self._call_id = self._next_index, _new_call_id()
@@ -312,7 +377,7 @@ class ToolCallStreamParser:
 
 
 def create_tool_parser(name: str, tools: Sequence[dict[str, Any]]) -> ToolCallStreamParser:
-    """A parser for format `name` (hermes, llama3, mistral) checking names against `tools`."""
+    """A parser for format `name` (hermes, llama3, mistral, mistral_v11) checking names against `tools`."""
     fmt = TOOL_CALL_FORMATS.get(name)
     if fmt is None:
         raise ValueError(f"unknown tool-call parser {name!r}; choose one of {', '.join(TOOL_CALL_FORMATS)}")

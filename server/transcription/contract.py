@@ -7,15 +7,23 @@ segment times never go backwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from protoserve.server.transcription.whisper_fallback import FallbackPolicy
 
 Task = Literal["transcribe", "translate"]
 
 
 @dataclass(frozen=True)
 class TranscribeOptions:
-    """How to transcribe one file. Empty `language` means detect it (multilingual models only)."""
+    """How to transcribe one file. Empty `language` means detect it (multilingual models only).
+
+    `temperature` is where each window's decoding starts (0 is greedy); `fallback` says when a
+    window is decoded again hotter or dropped as silence (see `whisper_fallback`). Sampling is
+    reproducible: its random generator is seeded from the audio and these options, so the same
+    request gives the same transcript.
+    """
 
     language: str = ""
     prompt: str = ""  # text that precedes the audio, given to the decoder as previous text
@@ -23,6 +31,7 @@ class TranscribeOptions:
     task: Task = "transcribe"
     filename: str = ""  # file name or MIME type, a hint for the audio decoder
     max_seconds: float = 1800.0
+    fallback: FallbackPolicy = field(default_factory=FallbackPolicy)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,12 @@ prompt as previous text (`<|startofprev|>` prompt tokens); the text of earlier w
 back, since with greedy decoding that makes whisper repeat itself on repetitive speech. Each
 window's segments are yielded as soon as it is decoded.
 
+Each window is decoded with temperature fallback and silence detection (`whisper_fallback`): a
+decode that looks stuck is retried hotter, and a window judged silent gives no segment and is
+skipped whole. Sampling draws from one `torch.Generator` per request, seeded from a SHA-256 of the
+audio bytes and the options (`request_seed`), so the same request always gives the same
+transcript, while different audio or options sample differently.
+
 Model work runs in a worker thread, one window at a time per model (a lock), never on the event
 loop. A consumer that stops iterating stops the transcription after the window in progress.
 """
@@ -14,6 +20,7 @@ loop. A consumer that stops iterating stops the transcription after the window i
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import threading
 import time
@@ -33,13 +40,23 @@ from protoserve.server.transcription.contract import (
     TranscribeOptions,
     TranscriptionEvent,
 )
-from protoserve.server.transcription.whisper_decoding import decode_window, split_segments
+from protoserve.server.transcription.whisper_decoding import DecodedWindow, decode_window, split_segments
+from protoserve.server.transcription.whisper_fallback import FallbackPolicy, decode_with_fallback
 from protoserve.server.transcription.whisper_tokens import WhisperTokens, whisper_tokens
 from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 WINDOW_SECONDS = 30.0
 MIN_WINDOW_SECONDS = 0.1  # a tail shorter than this is not decoded
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def request_seed(audio: bytes, options: TranscribeOptions) -> int:
+    """The sampling seed of a request: a hash of its audio bytes and options (every field)."""
+    digest = hashlib.sha256()
+    digest.update(len(audio).to_bytes(8, "little"))
+    digest.update(audio)
+    digest.update(repr(options).encode("utf-8"))
+    return int.from_bytes(digest.digest()[:8], "little") & (2**63 - 1)
 
 
 @dataclass
@@ -83,6 +100,8 @@ class SpeechModel:
             raise InvalidRequestError(f"task must be 'transcribe' or 'translate', not {options.task!r}")
         if not 0.0 <= options.temperature <= 2.0:
             raise InvalidRequestError(f"temperature must be between 0 and 2, not {options.temperature}")
+        if not isinstance(options.fallback, FallbackPolicy):
+            raise InvalidRequestError(f"fallback must be a FallbackPolicy, not {type(options.fallback).__name__}")
         if not self.multilingual:
             if options.task == "translate":
                 raise InvalidRequestError(
@@ -116,6 +135,11 @@ class SpeechModel:
         prefix = ([self.tokens.start_of_previous, *previous] if previous else []) + start
         return prefix, max(1, min(self.context_length // 2, self.context_length - len(prefix)))
 
+    def _text_of(self, decoded: DecodedWindow) -> str:
+        """A decode's text, timestamps and special tokens left out."""
+        text_ids = [token for token in decoded.token_ids if self.tokens.is_text(token)]
+        return str(self.tokenizer.decode(text_ids, skip_special_tokens=True))
+
     def _transcribe_window(
         self,
         clip: AudioClip,
@@ -123,7 +147,7 @@ class SpeechModel:
         language: str,
         options: TranscribeOptions,
         progress: _Progress,
-        generator: torch.Generator | None,
+        generator: torch.Generator,
     ) -> tuple[list[Segment], int, str]:
         """Decode the window starting at sample `seek`; return its segments, the next seek, the language."""
         with self._lock:
@@ -134,18 +158,24 @@ class SpeechModel:
             if not language:
                 language = self._detect_language(encoder_outputs)
             prefix, max_new_tokens = self._decode_prefix(progress, language, options.task)
-            decoded = decode_window(
-                self.model,
-                encoder_outputs,
-                prefix,
-                self.tokens,
-                window_s=window_s,
-                max_new_tokens=max_new_tokens,
-                temperature=options.temperature,
-                generator=generator,
-                suppressed_tokens=self.suppressed_tokens,
-            )
-        window_segments, consumed_s = split_segments(decoded, self.tokens, window_s)
+
+            def decode(temperature: float) -> DecodedWindow:
+                return decode_window(
+                    self.model,
+                    encoder_outputs,
+                    prefix,
+                    self.tokens,
+                    window_s=window_s,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    generator=generator,
+                    suppressed_tokens=self.suppressed_tokens,
+                )
+
+            judged = decode_with_fallback(decode, self._text_of, options.fallback, options.temperature)
+        if judged.is_silence:
+            return [], seek + window.size, language
+        window_segments, consumed_s = split_segments(judged.decoded, self.tokens, window_s)
         offset = seek / SAMPLE_RATE
         segments: list[Segment] = []
         for piece in window_segments:
@@ -177,10 +207,8 @@ class SpeechModel:
         prompt = options.prompt.strip()
         prompt_ids = self.tokenizer.encode(" " + prompt, add_special_tokens=False) if prompt else []
         progress = _Progress(prompt_ids=[int(token) for token in prompt_ids if self.tokens.is_text(int(token))])
-        generator = None
-        if options.temperature > 0:
-            generator = torch.Generator()
-            generator.seed()  # a fresh random seed per request
+        generator = torch.Generator()
+        generator.manual_seed(request_seed(audio, options))
         texts: list[str] = []
         seek = 0
         while clip.samples.size - seek >= MIN_WINDOW_SECONDS * SAMPLE_RATE:

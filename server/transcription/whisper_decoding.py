@@ -21,10 +21,24 @@ MIN_PROGRESS_S = 1.0  # a window cut before this point counts as consumed, so lo
 
 @dataclass(frozen=True)
 class DecodedWindow:
-    """The sampled tokens of one window (end-of-text excluded) and each token's log-probability."""
+    """The sampled tokens of one window (end-of-text excluded) and each token's log-probability.
+
+    Log-probabilities are taken from the masked logits before any temperature, so decodes of one
+    window at different temperatures are comparable. `end_of_text_logprob` is None when the window
+    ran out of tokens before end-of-text. `no_speech_probability` is the probability of the
+    no-speech token at the start-of-transcript position (0 when the tokenizer has none).
+    """
 
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
+    end_of_text_logprob: float | None = None
+    no_speech_probability: float = 0.0
+
+    @property
+    def avg_logprob(self) -> float:
+        """Mean log-probability per token, end-of-text counted as one more token (as whisper does)."""
+        total = sum(self.logprobs) + (self.end_of_text_logprob or 0.0)
+        return total / (len(self.token_ids) + 1)
 
 
 @dataclass(frozen=True)
@@ -77,15 +91,19 @@ def decode_window(
     suppressed_tokens: Sequence[int] = (),
 ) -> DecodedWindow:
     """Decode one window from its encoder outputs. `prefix` is the decoder prompt (previous text, then
-    the start sequence)."""
+    the start sequence, which holds <|startoftranscript|>). Sampling (temperature > 0) draws from
+    `generator`, so a seeded generator makes the decode reproducible."""
     device = encoder_outputs.last_hidden_state.device
     suppressed = torch.tensor(list(suppressed_tokens), dtype=torch.long)
+    start_index = prefix.index(tokens.start_of_transcript) if tokens.start_of_transcript in prefix else len(prefix) - 1
+    no_speech_probability = 0.0
+    end_of_text_logprob: float | None = None
     with torch.inference_mode():
         next_input = torch.tensor([prefix], dtype=torch.long, device=device)
         past_key_values = None
         sampled: list[int] = []
         logprobs: list[float] = []
-        for _step in range(max_new_tokens):
+        for step in range(max_new_tokens):
             output = model(
                 encoder_outputs=encoder_outputs,
                 decoder_input_ids=next_input,
@@ -93,6 +111,9 @@ def decode_window(
                 use_cache=True,
             )
             past_key_values = output.past_key_values
+            if step == 0 and tokens.no_speech is not None:
+                at_start = torch.softmax(output.logits[0, start_index].float(), dim=-1)
+                no_speech_probability = float(at_start[tokens.no_speech].item())
             logits = output.logits[0, -1].float()
             logits[suppressed.to(logits.device)] = -float("inf")  # the model's suppress_tokens (non-speech)
             apply_timestamp_rules(logits, sampled, tokens, window_s)
@@ -101,13 +122,19 @@ def decode_window(
                 token = int(torch.multinomial(probabilities.cpu(), 1, generator=generator).item())
             else:
                 token = int(torch.argmax(logits).item())
-            logprobs.append(float(torch.log_softmax(logits, dim=-1)[token].item()))
+            token_logprob = float(torch.log_softmax(logits, dim=-1)[token].item())
             if token == tokens.end_of_text:
-                logprobs.pop()
+                end_of_text_logprob = token_logprob
                 break
             sampled.append(token)
+            logprobs.append(token_logprob)
             next_input = torch.tensor([[token]], dtype=torch.long, device=device)
-    return DecodedWindow(token_ids=tuple(sampled), logprobs=tuple(logprobs))
+    return DecodedWindow(
+        token_ids=tuple(sampled),
+        logprobs=tuple(logprobs),
+        end_of_text_logprob=end_of_text_logprob,
+        no_speech_probability=no_speech_probability,
+    )
 
 
 def split_segments(window: DecodedWindow, tokens: WhisperTokens, window_s: float) -> tuple[list[WindowSegment], float]:

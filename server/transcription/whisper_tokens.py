@@ -27,6 +27,9 @@ class WhisperTokens:
     translate: int
     language_ids: dict[str, int]  # language code -> token id
     multilingual: bool
+    # <|nospeech|> (called <|nocaptions|> in older tokenizers): the model's "this window is silent"
+    # token; None when the tokenizer has neither, and then no window is judged silent.
+    no_speech: int | None = None
 
     @property
     def timestamp_begin(self) -> int:
@@ -63,6 +66,15 @@ def _token_id(tokenizer: Any, token: str) -> int:
     return int(token_id)
 
 
+def _optional_token_id(tokenizer: Any, names: tuple[str, ...]) -> int | None:
+    """The id of the first of `names` the tokenizer knows (not mapped to the unknown token), or None."""
+    for name in names:
+        token_id = tokenizer.convert_tokens_to_ids(name)
+        if token_id is not None and not (token_id == tokenizer.unk_token_id and name != tokenizer.unk_token):
+            return int(token_id)
+    return None
+
+
 def whisper_tokens(tokenizer: Any, multilingual: bool) -> WhisperTokens:
     """Look up the special tokens; raises UnsupportedModelError when one is missing."""
     language_ids: dict[str, int] = {}
@@ -81,4 +93,5 @@ def whisper_tokens(tokenizer: Any, multilingual: bool) -> WhisperTokens:
         translate=_token_id(tokenizer, "<|translate|>"),
         language_ids=language_ids,
         multilingual=multilingual,
+        no_speech=_optional_token_id(tokenizer, ("<|nospeech|>", "<|nocaptions|>")),
     )

@@ -15,6 +15,10 @@ from protoserve.server.engine.errors import InvalidRequestError, UnsupportedMode
 from protoserve.server.transcription import speech_model as speech_model_module
 from protoserve.server.transcription.contract import DoneEvent, SegmentEvent, TranscribeOptions
 from protoserve.server.transcription.speech_model import SpeechModel, load_speech_model
+from protoserve.server.transcription.whisper_fallback import NO_FALLBACK
+
+# One decode per window: the tests of window mechanics below count decodes. Fallback has its own tests.
+ONE_DECODE = TranscribeOptions(fallback=NO_FALLBACK)
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +147,9 @@ async def test_multilingual_prefix_names_language_and_task(
 
 
 async def test_temperature_samples(english_model: SpeechModel, fox_wav: bytes) -> None:
-    greedy = [await _collect(english_model, fox_wav, TranscribeOptions()) for _ in range(2)]
+    greedy = [await _collect(english_model, fox_wav, ONE_DECODE) for _ in range(2)]
     assert greedy[0] == greedy[1]
-    sampled = await _collect(english_model, fox_wav, TranscribeOptions(temperature=1.0))
+    sampled = await _collect(english_model, fox_wav, TranscribeOptions(temperature=1.0, fallback=NO_FALLBACK))
     assert sampled[-1].text != greedy[0][-1].text
 
 
@@ -153,7 +157,7 @@ async def test_stopping_iteration_stops_after_the_current_window(
     english_model: SpeechModel, long_speech: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = _record_prefixes(monkeypatch)
-    stream = english_model.transcribe(long_speech, TranscribeOptions())
+    stream = english_model.transcribe(long_speech, ONE_DECODE)
     first = await anext(stream)
     assert isinstance(first, SegmentEvent)
     await stream.aclose()
@@ -167,7 +171,7 @@ async def test_cancelled_consumer_stops_after_the_current_window(
     calls = _record_prefixes(monkeypatch)
 
     async def consume() -> None:
-        async for _event in english_model.transcribe(long_speech, TranscribeOptions()):
+        async for _event in english_model.transcribe(long_speech, ONE_DECODE):
             pass
 
     task = asyncio.create_task(consume())
@@ -216,7 +220,7 @@ async def test_suppressed_tokens_are_never_generated(tiny_whisper_english: Path,
 async def test_concurrent_requests_share_the_model_one_window_at_a_time(
     english_model: SpeechModel, fox_wav: bytes, long_speech: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    alone = [await _collect(english_model, audio, TranscribeOptions()) for audio in (fox_wav, long_speech)]
+    alone = [await _collect(english_model, audio, ONE_DECODE) for audio in (fox_wav, long_speech)]
     active = 0
     most_active = 0
     original: Callable[..., Any] = speech_model_module.decode_window
@@ -232,8 +236,8 @@ async def test_concurrent_requests_share_the_model_one_window_at_a_time(
 
     monkeypatch.setattr(speech_model_module, "decode_window", counting)
     together = await asyncio.gather(
-        _collect(english_model, fox_wav, TranscribeOptions()),
-        _collect(english_model, long_speech, TranscribeOptions()),
+        _collect(english_model, fox_wav, ONE_DECODE),
+        _collect(english_model, long_speech, ONE_DECODE),
     )
     assert list(together) == alone
     assert most_active == 1
