@@ -3,8 +3,9 @@
 `ServerMetrics` owns its own `CollectorRegistry` (never the process-global one, so tests and
 several servers in one process do not collide). Servicers call `request_started`,
 `request_finished`, `first_token`, `inter_token` and `tokens`; the engine's state (queue depth,
-running requests, KV blocks, prefix-cache hit rate) is read from `engine.stats()` of every loaded
-model each time the endpoint is scraped, by a custom collector, so it is never stale.
+requests pending admission, running requests, KV blocks, prefix-cache hit rate) is read from
+`engine.stats()` of every loaded model each time the endpoint is scraped, by a custom collector, so
+it is never stale.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ class EngineStatsCollector(Collector):
             "waiting": GaugeMetricFamily(
                 "protoserve_engine_queue_depth", "Requests waiting to be scheduled", labels=["model"]
             ),
+            "pending": GaugeMetricFamily(
+                "protoserve_engine_pending_requests",
+                "Requests accepted but not yet handed to the scheduler (not in the queue depth)",
+                labels=["model"],
+            ),
             "blocks_used": GaugeMetricFamily(
                 "protoserve_kv_cache_blocks_used", "KV-cache blocks in use", labels=["model"]
             ),
@@ -72,6 +78,7 @@ class EngineStatsCollector(Collector):
             hit_rate = stats.prefix_cache_hits / stats.prefix_cache_queries if stats.prefix_cache_queries else 0.0
             families["running"].add_metric([model], stats.running_requests)
             families["waiting"].add_metric([model], stats.waiting_requests)
+            families["pending"].add_metric([model], stats.pending_requests)
             families["blocks_used"].add_metric([model], stats.kv_blocks_used)
             families["blocks_total"].add_metric([model], stats.kv_blocks_total)
             families["hit_rate"].add_metric([model], hit_rate)

@@ -122,6 +122,9 @@ class CompletionDelta:
 
     `text` never splits a UTF-8 character and never contains (part of) a stop string;
     text held back while a stop string might still match is released in a later delta.
+    `logprobs` has one entry per token id, except that a token which ends the choice without
+    emitting its text (an EOS whose text is skipped, a `stop_token_ids` match) has none, as in
+    OpenAI's API; its id stays in `token_ids`, so usage still counts it.
     """
 
     index: int
@@ -164,6 +167,9 @@ class EngineStats:
     preemptions: int
     steps: int
     alive: bool
+    # Accepted by `generate()` but not yet handed to the scheduler (the async bridge's admission
+    # list); counted in neither running nor waiting. 0 for the synchronous engine.
+    pending_requests: int = 0
 
 
 @dataclass(frozen=True)

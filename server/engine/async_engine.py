@@ -102,10 +102,13 @@ class AsyncEngine:
             self._condition.notify()
 
     def stats(self) -> EngineStats:
+        """The counts the engine thread published after its last step, with `alive` and
+        `pending_requests` (requests accepted but not yet admitted to the scheduler) read live."""
         with self._condition:
             snapshot = self._stats
             alive = self._alive
-        return EngineStats(**{**snapshot.__dict__, "alive": alive})
+            pending = len(self._pending_adds)
+        return EngineStats(**{**snapshot.__dict__, "alive": alive, "pending_requests": pending})
 
     async def shutdown(self) -> None:
         with self._condition:

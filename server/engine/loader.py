@@ -125,6 +125,45 @@ def _context_length(config: Any, tokenizer: Any) -> int:
     raise UnsupportedModelError("the model config states no context length (max_position_embeddings)")
 
 
+def _read_config(auto_config: Any, folder: Path, common: dict[str, Any]) -> Any:
+    """The model's config, from config.json or the GGUF file's metadata; a file transformers cannot
+    read is a ModelLoadError, an architecture it does not know an UnsupportedModelError."""
+    gguf_file = common.get("gguf_file")
+    if gguf_file is None and not (folder / "config.json").is_file():
+        raise ModelLoadError(
+            f"{folder} has no config.json; pass a transformers model folder (or a folder and its GGUF file)"
+        )
+    try:
+        return auto_config.from_pretrained(folder, **common)
+    except Exception as error:  # struct.error, ValueError, OSError, KeyError, ... from the readers
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no details'}"
+        if gguf_file is not None:
+            raise ModelLoadError(f"GGUF file {gguf_file} in {folder} could not be read ({reason})") from error
+        if isinstance(error, ValueError):
+            raise UnsupportedModelError(
+                f"the config in {folder} names a model transformers cannot build ({reason})"
+            ) from error
+        raise ModelLoadError(f"the config in {folder} could not be read ({reason})") from error
+
+
+def _load_processor(folder: Path, common: dict[str, Any]) -> Any:
+    """The image processor of a vision model. Some need packages the server does not install
+    (SmolVLM's needs torchvision and num2words): that is a ModelLoadError naming the package."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(folder, **common)
+    except ImportError as error:
+        details = " ".join(str(error).split())
+        raise ModelLoadError(
+            f"{folder.name} takes images, but its processor needs a package that is not installed: {details}"
+        ) from error
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelLoadError(
+            f"the image processor of {folder.name} could not be loaded ({type(error).__name__}: {error})"
+        ) from error
+
+
 def load_model(options: LoadOptions) -> LoadedModel:
     """Load weights, tokenizer and (for vision models) processor. Raises ModelLoadError for bad
     options or a missing folder, UnsupportedModelError for architectures the engine cannot drive."""
@@ -144,7 +183,7 @@ def load_model(options: LoadOptions) -> LoadedModel:
         if not (folder / options.gguf_file).is_file():
             raise ModelLoadError(f"GGUF file {options.gguf_file} not found in {folder}")
         common["gguf_file"] = options.gguf_file
-    config = AutoConfig.from_pretrained(folder, **common)
+    config = _read_config(AutoConfig, folder, common)
     if getattr(config, "model_type", "") in SPEECH_MODEL_TYPES:
         raise UnsupportedModelError(
             f"{config.model_type} is a speech model; it is served by the transcription service, not the engine"
@@ -168,8 +207,14 @@ def load_model(options: LoadOptions) -> LoadedModel:
     model_class = AutoModelForImageTextToText if is_vision else AutoModelForCausalLM
     try:
         model = model_class.from_pretrained(folder, **load_kwargs)
-    except ValueError as error:  # "Unrecognized configuration class ..." for unknown architectures
-        raise UnsupportedModelError(f"cannot load {folder.name} as a generative model: {error}") from error
+    except Exception as error:
+        if options.gguf_file is not None:  # a header that reads but tensors that do not, an unknown tensor type
+            raise ModelLoadError(
+                f"the weights of GGUF file {options.gguf_file} could not be loaded ({type(error).__name__}: {error})"
+            ) from error
+        if isinstance(error, ValueError):  # "Unrecognized configuration class ..." for unknown architectures
+            raise UnsupportedModelError(f"cannot load {folder.name} as a generative model: {error}") from error
+        raise
     if options.quantization is None:
         model.to(device)  # type: ignore[arg-type]
     model.eval()
@@ -179,9 +224,7 @@ def load_model(options: LoadOptions) -> LoadedModel:
     processor = None
     modalities: tuple[str, ...] = ("text",)
     if supports_images(model):
-        from transformers import AutoProcessor
-
-        processor = AutoProcessor.from_pretrained(folder, **common)
+        processor = _load_processor(folder, common)
         modalities = ("text", "image")
     architectures = getattr(config, "architectures", None) or [type(model).__name__]
     return LoadedModel(

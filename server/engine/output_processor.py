@@ -10,6 +10,10 @@ what to stream. Finish rules, checked on every appended token, in this order:
 - STOP on a stop string, also one that ends inside a token or spans several; the text before it
   is emitted, the string and anything after it are not; the token ids keep every token.
 - LENGTH when `max_tokens` tokens were generated or prompt plus output reach `max_total_tokens`.
+
+Logprobs follow the text, as in OpenAI's API: a token that ends the choice without emitting text of
+its own (a `stop_token_ids` match, an EOS whose text is skipped) gets no logprob entry, while its id
+stays in `token_ids` (usage counts it). Every other token, stop-string tokens included, keeps its entry.
 """
 
 from __future__ import annotations
@@ -89,12 +93,16 @@ class ChoiceOutputProcessor:
 
         may_stop = len(self._output_token_ids) > self._params.min_tokens
         if may_stop and token_id in self._stop_token_ids:
+            self._drop_last_logprob()
             self._finish(FinishReason.STOP, stop_reason=token_id)
             return
-        self._add_text(self._detokenizer.add(token_id))
+        text = self._detokenizer.add(token_id)
+        self._add_text(text)
         if self._finish_reason is not None:  # a stop string matched
             return
         if may_stop and token_id in self._eos_token_ids and not self._params.ignore_eos:
+            if not text:  # the EOS emitted nothing (skipped special token): no logprob either
+                self._drop_last_logprob()
             self._finish(FinishReason.STOP)
         elif self._length_reached():
             self._finish(FinishReason.LENGTH)
@@ -124,6 +132,11 @@ class ChoiceOutputProcessor:
                 stop_reason=self._stop_reason,
             )
         return self._pop_delta(is_final=True)
+
+    def _drop_last_logprob(self) -> None:
+        """Forget the logprob of the token just appended (a stopping token whose text is withheld)."""
+        if self._pending_logprobs:
+            self._pending_logprobs.pop()
 
     def _length_reached(self) -> bool:
         generated = len(self._output_token_ids)

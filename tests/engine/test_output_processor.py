@@ -185,3 +185,69 @@ def test_stream_and_whole_agree() -> None:
     final = whole.take_delta()
     assert final is not None
     assert (final.text, list(final.token_ids)) == (text, emitted) == (" jumps 😀 over ", emitted)
+
+
+def feed_with_logprobs(choice: ChoiceOutputProcessor, ids: Sequence[int]) -> list[CompletionDelta]:
+    """Like `feed`, each token with a logprob whose value encodes its position (-position)."""
+    deltas: list[CompletionDelta] = []
+    for position, token_id in enumerate(ids):
+        if choice.finished:
+            break
+        choice.append(token_id, TokenLogprob(token_id=token_id, logprob=-float(position)))
+        delta = choice.take_delta()
+        if delta is not None:
+            deltas.append(delta)
+    return deltas
+
+
+def logprob_ids(deltas: Sequence[CompletionDelta]) -> list[int]:
+    return [entry.token_id for delta in deltas for entry in delta.logprobs or ()]
+
+
+def test_skipped_eos_has_no_logprob_but_keeps_its_id() -> None:
+    ids = encode(" jumps over") + [IM_END]
+    deltas = feed_with_logprobs(processor(SamplingParams(logprobs=True)), ids)
+    text, emitted = joined(deltas)
+    assert (text, emitted) == (" jumps over", ids)
+    assert logprob_ids(deltas) == ids[:-1]
+    assert deltas[-1].finish_reason is FinishReason.STOP and deltas[-1].logprobs == ()
+
+
+def test_eos_whose_text_is_emitted_keeps_its_logprob() -> None:
+    ids = encode(" hi") + [IM_END]
+    deltas = feed_with_logprobs(processor(SamplingParams(logprobs=True, skip_special_tokens=False)), ids)
+    assert joined(deltas) == (" hi<|im_end|>", ids)
+    assert logprob_ids(deltas) == ids
+
+
+def test_stop_token_id_has_no_logprob() -> None:
+    stop_id = encode(".")[0]
+    ids = encode(" jumps.")
+    deltas = feed_with_logprobs(processor(SamplingParams(logprobs=True, stop_token_ids=(stop_id,))), ids)
+    assert joined(deltas) == (" jumps", ids)
+    assert logprob_ids(deltas) == ids[:-1]
+
+
+def test_eos_that_does_not_stop_keeps_its_logprob() -> None:
+    for params in (SamplingParams(logprobs=True, ignore_eos=True), SamplingParams(logprobs=True, min_tokens=2)):
+        choice = processor(params)
+        deltas = feed_with_logprobs(choice, [EOS, *encode(" a")])
+        assert logprob_ids(deltas) == [EOS, *encode(" a")]
+        assert choice.finish_reason is None
+
+
+def test_stop_string_tokens_keep_their_logprobs() -> None:
+    choice = processor(SamplingParams(logprobs=True, stop=["mps ov"]))
+    deltas = feed_with_logprobs(choice, encode(" jumps over the dog"))
+    assert choice.stop_reason == "mps ov"
+    assert logprob_ids(deltas) == joined(deltas)[1] == list(choice.output_token_ids)
+
+
+def test_eos_after_a_split_character_drops_only_its_own_logprob() -> None:
+    emoji_ids = encode("😀")
+    ids = emoji_ids[:-1] + [EOS]  # the character never completes: its bytes are flushed as U+FFFD
+    deltas = feed_with_logprobs(processor(SamplingParams(logprobs=True)), ids)
+    assert joined(deltas) == ("\ufffd", ids)
+    assert logprob_ids(deltas) == emoji_ids[:-1]
+    values = [entry.logprob for delta in deltas for entry in delta.logprobs or ()]
+    assert values == [-float(position) for position in range(len(emoji_ids) - 1)]  # the EOS's was dropped

@@ -56,7 +56,8 @@ async def test_concurrent_streams_complete_or_get_429(
         await wait_until(hold.entered.is_set, 30, "the first request reaching the engine")
         rest = [send(index) for index in range(1, CONCURRENT_REQUESTS)]
         # Every other request must be queued for admission before the engine moves again.
-        await wait_until(lambda: len(engine._pending_adds) == CONCURRENT_REQUESTS - 1, 60, "all requests arriving")
+        all_pending = CONCURRENT_REQUESTS - 1
+        await wait_until(lambda: engine.stats().pending_requests == all_pending, 60, "all requests arriving")
         engine.inject_step_fault(None)
         hold.released.set()
         started = time.monotonic()
