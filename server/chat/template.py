@@ -189,7 +189,7 @@ async def render_with_processor(
     placeholders typed in caller text stay plain text. Returns the processor's outputs (input_ids [1, L], ...).
     """
 
-    def render() -> dict[str, Any]:
+    def render_once(sanitize: bool) -> dict[str, Any]:
         outputs = processor.apply_chat_template(
             messages,
             tools=tools or None,
@@ -198,10 +198,34 @@ async def render_with_processor(
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
-            sanitize_control_tokens=True,
+            sanitize_control_tokens=sanitize,
             processor_kwargs={"add_special_tokens": False},
             **template_kwargs,
         )
         return dict(outputs)
 
+    def render() -> dict[str, Any]:
+        try:
+            return render_once(sanitize=True)
+        except ValueError as error:
+            # Some processors (Idefics3's) need character offsets that a sanitizing tokenizer does not
+            # give. Without sanitizing, control tokens in caller text would be read as real ones, so
+            # that is allowed only when no caller text holds any.
+            if "char_to_token" not in str(error):
+                raise
+            forged = control_tokens_in(processor.tokenizer, [messages, tools, template_kwargs])
+            if forged:
+                raise InvalidRequestError(
+                    f"the conversation contains the model's control token {forged!r}, which this model's "
+                    "processor cannot keep as plain text; remove it"
+                ) from None
+            return render_once(sanitize=False)
+
     return await _run_bounded(render, limits)
+
+
+def control_tokens_in(tokenizer: Any, caller_data: list[Any]) -> str | None:
+    """The first special or added token string that appears anywhere in the caller's data, or None."""
+    text = json.dumps(caller_data, ensure_ascii=False, default=lambda value: "")
+    tokens = {*getattr(tokenizer, "all_special_tokens", []), *tokenizer.get_added_vocab()}
+    return next((token for token in sorted(tokens, key=len, reverse=True) if token and token in text), None)

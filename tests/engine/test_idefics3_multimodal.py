@@ -9,6 +9,7 @@ import asyncio
 import copy
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -221,13 +222,9 @@ def test_bad_image_inputs_are_a_clear_error(loaded: LoadedModel) -> None:
     assert not engine.has_unfinished_requests
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=InvalidRequestError,
-    reason="transformers 5.23's Idefics3Processor calls char_to_token(), which the sanitize_control_tokens=True "
-    "tokenizer output lacks; server/chat/template.py's render_with_processor must work around it",
-)
 def test_the_server_image_path_renders_an_idefics3_chat(loaded: LoadedModel) -> None:
+    """Idefics3's processor needs character offsets, which a sanitizing tokenizer lacks: the server
+    renders without sanitizing when the caller's text holds no control token."""
     image = random_image(7, 48, 64)
     prompt = asyncio.run(
         processed_prompt(
@@ -241,6 +238,23 @@ def test_the_server_image_path_renders_an_idefics3_chat(loaded: LoadedModel) -> 
         )
     )
     assert prompt.token_ids == chat_with_image(loaded.processor, image, "w5 w6 w7").token_ids
+
+
+def test_a_forged_control_token_is_refused_on_the_idefics3_image_path(loaded: LoadedModel) -> None:
+    special = loaded.processor.tokenizer.all_special_tokens[0]
+    # Refused either by the sanitizing tokenizer or by the unsanitized fallback; the message names the token.
+    with pytest.raises(InvalidRequestError, match=re.escape(special)):
+        asyncio.run(
+            processed_prompt(
+                loaded.processor,
+                CHAT_TEMPLATE,
+                chat_messages(f"w5 {special} w7"),
+                [random_image(9, 48, 64)],
+                tools=None,
+                template_kwargs={},
+                limits=RequestLimits(),
+            )
+        )
 
 
 def test_smolvlm_matches_generate() -> None:
