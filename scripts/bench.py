@@ -7,6 +7,8 @@ translator's overhead shows as its own ratio. Prints one table, writes a JSON fi
 
     python scripts/bench.py                      # demo chat model, concurrency 1 4 16 64
     python scripts/bench.py --concurrency 1 16 --output-len 64 --servers protoserve
+    python scripts/bench.py --write-readme       # also README's performance section, docs/bench-cpu.png
+    python scripts/bench.py --from-json bench-results/bench.json --write-readme   # re-render, no runs
 
 `transformers serve` runs from --ts-python (default `.venv-bench/bin/python`, made with
 `python3.11 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 'transformers[serving]'`).
@@ -24,13 +26,24 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import describe, grpc_chat_stream, openai_chat_stream, run_closed_loop  # noqa: E402
+from bench_load import LoadResult, describe, grpc_chat_stream, openai_chat_stream, run_closed_loop  # noqa: E402
+from bench_report import (  # noqa: E402
+    describe_machine,
+    plot,
+    print_table,
+    ratio_rows,
+    readme_section,
+    today,
+    write_readme_section,  # noqa: E402
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT_WORD = "tell me a long story about the sea and the ships that sail on it "
@@ -92,7 +105,8 @@ class ServerProcess:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log.name}")
                 try:
-                    async with session.get(f"{self.base_url}/v1/models") as response:
+                    # /health, not /v1/models: transformers serve answers 500 there without a hub cache.
+                    async with session.get(f"{self.base_url}/health") as response:
                         if response.status == 200:
                             return
                 except aiohttp.ClientError:
@@ -138,15 +152,24 @@ async def drive_openai(server: ServerProcess, model: str, args: argparse.Namespa
         body = chat_body(model, prompt, args.output_len, server.name.split("/")[0])
 
         async def one() -> object:
-            return await openai_chat_stream(session, server.base_url, body, args.output_len)
+            return await openai_chat_stream(session, server.base_url, body)
 
         await run_closed_loop(one, concurrency=2, num_requests=2)  # warm-up
         for concurrency in args.concurrency:
-            server.memory.reset()
-            result = await run_closed_loop(one, concurrency, requests_for(concurrency, args))
-            print(f"{server.name:<22} {describe(result)}", flush=True)
-            results.append({**result.as_dict(), "peak_rss_mib": server.memory.peak_mib})
+            results.append(await measure_level(server.name, server.memory, one, concurrency, args))
     return results
+
+
+async def measure_level(
+    name: str, memory: PeakMemory, one: Callable[[], Awaitable[Any]], concurrency: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One load level: its figures, the peak RSS of the server tree and the load average."""
+    memory.reset()
+    load_before = os.getloadavg()[0]
+    result: LoadResult = await run_closed_loop(one, concurrency, requests_for(concurrency, args))
+    load_average = max(load_before, os.getloadavg()[0])
+    print(f"{name:<22} {describe(result)} load {load_average:.1f}", flush=True)
+    return {**result.as_dict(), "peak_rss_mib": memory.peak_mib, "load_average": load_average}
 
 
 async def drive_grpc(target: str, memory: PeakMemory, model: str, args: argparse.Namespace, prompt: str) -> list[dict]:
@@ -163,80 +186,17 @@ async def drive_grpc(target: str, memory: PeakMemory, model: str, args: argparse
         )
 
         async def one() -> object:
-            return await grpc_chat_stream(stub, request, args.output_len)
+            return await grpc_chat_stream(stub, request)
 
         await run_closed_loop(one, concurrency=2, num_requests=2)
         for concurrency in args.concurrency:
-            memory.reset()
-            result = await run_closed_loop(one, concurrency, requests_for(concurrency, args))
-            print(f"{'protoserve/grpc':<22} {describe(result)}", flush=True)
-            results.append({**result.as_dict(), "peak_rss_mib": memory.peak_mib})
+            results.append(await measure_level("protoserve/grpc", memory, one, concurrency, args))
     return results
 
 
 def requests_for(concurrency: int, args: argparse.Namespace) -> int:
-    return max(args.min_requests, concurrency * args.rounds)
-
-
-def print_table(report: dict[str, list[dict]], concurrencies: list[int]) -> None:
-    header = (
-        f"{'server':<22}{'conc':>5}{'tok/s':>9}{'req/s':>8}{'TTFT p50':>10}{'TTFT p90':>10}"
-        f"{'ITL p50':>9}{'ITL p90':>9}{'RSS MiB':>9}{'err':>5}"
-    )
-    print("\n" + header + "\n" + "-" * len(header))
-    for name, rows in report.items():
-        for row in rows:
-            print(
-                f"{name:<22}{row['concurrency']:>5}{row['output_tokens_per_s']:>9.1f}{row['requests_per_s']:>8.2f}"
-                f"{row['ttft_p50_s']:>10.3f}{row['ttft_p90_s']:>10.3f}{row['itl_p50_s'] * 1e3:>8.1f}m"
-                f"{row['itl_p90_s'] * 1e3:>8.1f}m{row['peak_rss_mib']:>9.0f}{row['errors']:>5}"
-            )
-    ratios = ratio_rows(report, concurrencies)
-    if ratios:
-        print("\nratios (protoserve / transformers serve, REST; translator = REST / gRPC)")
-        for row in ratios:
-            print("  " + "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-
-
-def ratio_rows(report: dict[str, list[dict]], concurrencies: list[int]) -> list[dict[str, object]]:
-    rows = []
-    for index, concurrency in enumerate(concurrencies):
-        row: dict[str, object] = {"concurrency": concurrency}
-        rest = report.get("protoserve/rest", [])
-        ts = report.get("transformers/rest", [])
-        grpc = report.get("protoserve/grpc", [])
-        if rest and ts:
-            row["throughput_x"] = rest[index]["output_tokens_per_s"] / max(ts[index]["output_tokens_per_s"], 1e-9)
-            row["ttft_p50_fraction"] = rest[index]["ttft_p50_s"] / max(ts[index]["ttft_p50_s"], 1e-9)
-        if rest and grpc:
-            row["translator_efficiency"] = rest[index]["output_tokens_per_s"] / max(
-                grpc[index]["output_tokens_per_s"], 1e-9
-            )
-        if len(row) > 1:
-            rows.append(row)
-    return rows
-
-
-def plot(report: dict[str, list[dict]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (throughput, ttft) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, rows in report.items():
-        xs = [r["concurrency"] for r in rows]
-        throughput.plot(xs, [r["output_tokens_per_s"] for r in rows], marker="o", label=name)
-        ttft.plot(xs, [r["ttft_p50_s"] for r in rows], marker="o", label=name)
-    for axis, label in ((throughput, "output tokens/s"), (ttft, "TTFT p50 (s)")):
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("concurrent streams")
-        axis.set_ylabel(label)
-        axis.grid(True, alpha=0.3)
-        axis.legend()
-    figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    rounds = args.rounds_at_64 if concurrency >= 64 and args.rounds_at_64 else args.rounds
+    return max(args.min_requests, concurrency * rounds)
 
 
 def default_model() -> str:
@@ -246,6 +206,13 @@ def default_model() -> str:
 
 
 async def main_async(args: argparse.Namespace) -> int:
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        result["settings"]["notes"] = [*result["settings"].get("notes", []), *args.note]
+        print_table(result["results"], [int(c) for c in result["settings"]["concurrency"]])
+        if args.write_readme:
+            write_readme_outputs(result, result["results"], result["title"])
+        return 0
     model_path = args.model or default_model()
     prompt = (PROMPT_WORD * max(1, args.prompt_words // len(PROMPT_WORD.split())))[: args.prompt_words * 8]
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -293,6 +260,7 @@ async def main_async(args: argparse.Namespace) -> int:
             args.dtype,
             "--device",
             args.device,
+            *protoserve_flags(args),
         ]
         server = ServerProcess(
             "protoserve/rest", command, f"http://127.0.0.1:{http_port}", args.out_dir / "protoserve.log"
@@ -308,8 +276,24 @@ async def main_async(args: argparse.Namespace) -> int:
             server.stop()
     print_table(report, args.concurrency)
     title = f"{Path(model_path).name}, {args.output_len} output tokens, {args.device}, {os.cpu_count()} CPU cores"
+    prompt_tokens = max((row["prompt_tokens"] or 0 for rows in report.values() for row in rows), default=0)
     result = {
         "title": title,
+        "date": today(),
+        "machine": describe_machine(),
+        "settings": {
+            "model": Path(model_path).name,
+            "dtype": args.dtype,
+            "device": args.device,
+            "concurrency": args.concurrency,
+            "output_len": args.output_len,
+            "prompt_tokens": prompt_tokens or "?",
+            "rounds": args.rounds,
+            "min_requests": args.min_requests,
+            "protoserve_flags": f"`{' '.join(protoserve_flags(args))}`" if protoserve_flags(args) else "",
+            "transformers_version": transformers_version(args.ts_python) if "transformers/rest" in report else "",
+            "notes": args.note,
+        },
         "args": {k: str(v) for k, v in vars(args).items()},
         "results": report,
         "ratios": ratio_rows(report, args.concurrency),
@@ -317,7 +301,30 @@ async def main_async(args: argparse.Namespace) -> int:
     (args.out_dir / "bench.json").write_text(json.dumps(result, indent=2))
     plot(report, args.out_dir / "bench.png", title)
     print(f"\nwrote {args.out_dir / 'bench.json'} and {args.out_dir / 'bench.png'}")
+    if args.write_readme:
+        write_readme_outputs(result, report, title)
     return 0
+
+
+def protoserve_flags(args: argparse.Namespace) -> list[str]:
+    return ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
+
+
+def transformers_version(python: str) -> str:
+    completed = subprocess.run(
+        [python, "-c", "import transformers; print(transformers.__version__)"], capture_output=True, text=True
+    )
+    return completed.stdout.strip() or "(unknown version)"
+
+
+def write_readme_outputs(result: dict[str, Any], report: dict[str, list[dict]], title: str) -> None:
+    """The README's performance section and docs/bench-cpu.png (the engine figures too, if present)."""
+    engine_file = ROOT / "bench-results" / "bench_engine.json"
+    engine_result = json.loads(engine_file.read_text()) if engine_file.exists() else None
+    write_readme_section(ROOT / "README.md", readme_section(result, engine_result))
+    (ROOT / "docs").mkdir(exist_ok=True)
+    plot(report, ROOT / "docs" / "bench-cpu.png", title)
+    print(f"wrote the performance section of {ROOT / 'README.md'} and {ROOT / 'docs' / 'bench-cpu.png'}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -337,7 +344,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--request-timeout", type=float, default=1800)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench-results")
-    return parser.parse_args()
+    parser.add_argument("--rounds-at-64", type=int, default=0, help="rounds at 64+ streams (0: --rounds)")
+    parser.add_argument("--torch-threads", type=int, help="passed to protoserve up --torch-threads")
+    parser.add_argument("--from-json", type=Path, help="no runs: print (and --write-readme) a saved bench.json")
+    parser.add_argument("--note", action="append", default=[], help="a line for the README section; repeatable")
+    parser.add_argument(
+        "--write-readme", action="store_true", help="render the results into README.md and docs/bench-cpu.png"
+    )
+    args = parser.parse_args()
+    if min(args.concurrency) < 1 or args.output_len < 1 or args.rounds < 1 or args.rounds_at_64 < 0:
+        parser.error("--concurrency, --output-len and --rounds must be at least 1")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        parser.error("--torch-threads must be at least 1")
+    return args
 
 
 if __name__ == "__main__":

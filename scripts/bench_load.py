@@ -25,6 +25,7 @@ class RequestTiming:
     output_tokens: int
     inter_token_s: list[float] = field(default_factory=list)
     error: str | None = None
+    prompt_tokens: int | None = None  # from usage, when the server reports it
 
 
 @dataclass
@@ -41,6 +42,8 @@ class LoadResult:
     ttft_p90_s: float
     itl_p50_s: float
     itl_p90_s: float
+    tokens_per_request: float  # mean generated tokens of a finished request: checks the forced length
+    prompt_tokens: int | None = None
     first_error: str | None = None
 
     def as_dict(self) -> dict[str, object]:
@@ -72,6 +75,8 @@ def summarize(concurrency: int, timings: list[RequestTiming], wall_s: float) -> 
         ttft_p90_s=percentile([t.ttft_s for t in ok], 0.9),
         itl_p50_s=percentile(gaps, 0.5) if gaps else float("nan"),
         itl_p90_s=percentile(gaps, 0.9) if gaps else float("nan"),
+        tokens_per_request=tokens / len(ok) if ok else 0.0,
+        prompt_tokens=max((t.prompt_tokens for t in ok if t.prompt_tokens is not None), default=None),
         first_error=errors[0].error if errors else None,
     )
 
@@ -94,16 +99,16 @@ async def run_closed_loop(
     return summarize(concurrency, timings, time.perf_counter() - started)
 
 
-async def openai_chat_stream(
-    session: aiohttp.ClientSession, base_url: str, body: dict[str, object], expected_tokens: int
-) -> RequestTiming:
-    """One streamed chat completion; counts content chunks and trusts usage when the server sends it."""
+async def openai_chat_stream(session: aiohttp.ClientSession, base_url: str, body: dict[str, object]) -> RequestTiming:
+    """One streamed chat completion. Output tokens come from usage when the server sends it, else
+    one per content chunk (transformers serve streams one token a chunk), never from the request."""
     started = time.perf_counter()
     first: float | None = None
     last = started
     gaps: list[float] = []
     chunks = 0
     usage_tokens: int | None = None
+    prompt_tokens: int | None = None
     try:
         async with session.post(f"{base_url}/v1/chat/completions", json=body) as response:
             if response.status != 200:
@@ -120,6 +125,7 @@ async def openai_chat_stream(
                     return RequestTiming(0.0, 0.0, 0, error=str(event["error"])[:200])
                 if event.get("usage"):
                     usage_tokens = event["usage"].get("completion_tokens")
+                    prompt_tokens = event["usage"].get("prompt_tokens")
                 for choice in event.get("choices", []):
                     if (choice.get("delta") or {}).get("content"):
                         now = time.perf_counter()
@@ -132,11 +138,17 @@ async def openai_chat_stream(
     except (TimeoutError, aiohttp.ClientError) as error:
         return RequestTiming(0.0, 0.0, 0, error=f"{type(error).__name__}: {error}")
     total = time.perf_counter() - started
-    tokens = usage_tokens if usage_tokens is not None else max(chunks, expected_tokens if chunks else 0)
-    return RequestTiming(ttft_s=(first or total) - started, total_s=total, output_tokens=tokens, inter_token_s=gaps)
+    tokens = usage_tokens if usage_tokens is not None else chunks
+    return RequestTiming(
+        ttft_s=(first or total) - started,
+        total_s=total,
+        output_tokens=tokens,
+        inter_token_s=gaps,
+        prompt_tokens=prompt_tokens,
+    )
 
 
-async def grpc_chat_stream(stub: object, request: object, expected_tokens: int) -> RequestTiming:
+async def grpc_chat_stream(stub: object, request: object) -> RequestTiming:
     """One streamed Chat call on protoserve's gRPC API (stub: GenerationServiceStub on an aio channel)."""
     import grpc
 
@@ -145,6 +157,7 @@ async def grpc_chat_stream(stub: object, request: object, expected_tokens: int) 
     last = started
     gaps: list[float] = []
     tokens = 0
+    prompt_tokens: int | None = None
     try:
         async for chunk in stub.Chat(request):  # type: ignore[attr-defined]
             for choice in chunk.choices:
@@ -158,11 +171,16 @@ async def grpc_chat_stream(stub: object, request: object, expected_tokens: int) 
                     tokens += len(choice.token_ids)
             if chunk.HasField("usage"):
                 tokens = chunk.usage.completion_tokens
+                prompt_tokens = chunk.usage.prompt_tokens
     except grpc.aio.AioRpcError as error:
         return RequestTiming(0.0, 0.0, 0, error=f"{error.code().name}: {error.details()}")
     total = time.perf_counter() - started
     return RequestTiming(
-        ttft_s=(first or total) - started, total_s=total, output_tokens=tokens or expected_tokens, inter_token_s=gaps
+        ttft_s=(first or total) - started,
+        total_s=total,
+        output_tokens=tokens,
+        inter_token_s=gaps,
+        prompt_tokens=prompt_tokens,
     )
 
 

@@ -68,12 +68,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--block-size", type=int, default=16, metavar="N")
     engine.add_argument("--no-prefix-caching", action="store_true")
     engine.add_argument("--max-n", type=int, default=8, metavar="N", help="most choices per request")
+    engine.add_argument("--torch-threads", type=int, metavar="N",
+                        help="CPU threads for the model's math (default: torch's choice, one per core); fewer "
+                             "than the cores leaves room for gRPC, the translator and other processes")
 
     requests = parser.add_argument_group("requests")
     requests.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
     requests.add_argument("--image-url-allow-host", action="append", metavar="HOST",
                           help="with --allow-remote-images, fetch only from these hosts; repeatable")
-    requests.add_argument("--tool-parser", choices=("auto", "hermes", "llama3", "mistral", "none"), default="auto")
+    requests.add_argument(
+        "--tool-parser", choices=("auto", "hermes", "llama3", "mistral", "mistral_v11", "none"), default="auto"
+    )
     requests.add_argument("--max-audio-bytes", type=int, metavar="N", help="largest audio upload")
     requests.add_argument("--max-audio-seconds", type=float, metavar="S", help="longest audio after decoding")
 
@@ -97,7 +102,21 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"protoserve serve: error: {exc}", file=sys.stderr)
         return 2
+    apply_torch_threads(config.torch_threads)
     return asyncio.run(serve(config))
+
+
+def apply_torch_threads(threads: int | None) -> None:
+    """Set torch's intra-op threads for this process (None: leave torch's default). Inter-op
+    threads go to 1: the engine runs one forward at a time, so a second pool only competes."""
+    if threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(threads)
+    with suppress(RuntimeError):  # torch refuses once inter-op work has started; then it stays as is
+        torch.set_num_interop_threads(1)
+    logger.info("torch CPU threads: %d", torch.get_num_threads())
 
 
 async def serve(config: ServerConfig, registry: ModelRegistry | None = None) -> int:

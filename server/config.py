@@ -87,6 +87,7 @@ class ServerConfig:
     tool_parser: str = "auto"
     log_level: str = "INFO"
     warm_up: bool = True  # run one tiny request through each model before reporting SERVING
+    torch_threads: int | None = None  # CPU threads for the model's math; None: torch's default
 
     def __post_init__(self) -> None:
         if self.port is not None and not 0 <= self.port <= 65535:
@@ -97,6 +98,8 @@ class ServerConfig:
             raise ConfigError(f"--drain-grace {self.drain_grace_seconds}: must be 0 or more")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port {self.metrics_port}: must be between 0 and 65535")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ConfigError(f"--torch-threads {self.torch_threads}: must be 1 or more")
         if self.idle_unload_seconds is not None and self.idle_unload_seconds <= 0:
             raise ConfigError(f"--idle-unload-seconds {self.idle_unload_seconds}: must be more than 0")
         ids = [spec.model_id for spec in self.models]
@@ -163,6 +166,7 @@ class ServerConfig:
             idle_unload_seconds=args.idle_unload_seconds,
             tool_parser=args.tool_parser,
             log_level=args.log_level.upper(),
+            torch_threads=getattr(args, "torch_threads", None),
         )
 
 

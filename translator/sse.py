@@ -38,6 +38,11 @@ class EventStream:
     async def send(self, data: dict[str, Any], event: str | None = None) -> None:
         await self.response.write(encode_event(data, event))
 
+    async def send_all(self, events: list[tuple[dict[str, Any], str | None]]) -> None:
+        """Several events in one write (one upstream message's worth): one await, one socket send."""
+        if events:
+            await self.response.write(b"".join(encode_event(data, event) for data, event in events))
+
     async def send_done(self) -> None:
         await self.response.write(DONE_EVENT)
 

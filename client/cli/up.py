@@ -24,7 +24,7 @@ from protoserve.client.cli.supervisor import ChildProcess, Supervisor, wait_for_
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
 # The server's --tool-parser choices (protoserve.server.cli); the client does not import the server.
-TOOL_PARSERS = ("auto", "hermes", "llama3", "mistral", "none")
+TOOL_PARSERS = ("auto", "hermes", "llama3", "mistral", "mistral_v11", "none")
 _ANY_ADDRESS = {"0.0.0.0", "::", "[::]", ""}
 
 
@@ -45,6 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=TOOL_PARSERS,
         help="passed to serve: the tool-call format replies are parsed in (default auto: read from the chat "
         "template, else hermes; none: never parse)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=_positive_count,
+        metavar="N",
+        help="passed to serve: CPU threads for the model's math (default: torch's choice, one per core)",
     )
     parser.add_argument("--api-key", metavar="KEY", help="required by both servers; the translator sends it upstream")
     parser.add_argument(
@@ -71,6 +77,16 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port {port} is not in 1..65535")
     return port
+
+
+def _positive_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count} must be 1 or more")
+    return count
 
 
 def _positive_seconds(text: str) -> float:
@@ -136,6 +152,8 @@ def plan_children(
     for flag, value in (("--dtype", args.dtype), ("--device", args.device), ("--tool-parser", args.tool_parser)):
         if value:
             server += [flag, value]
+    if args.torch_threads:
+        server += ["--torch-threads", str(args.torch_threads)]
     translator = [*protoserve_command, "translate", "--host", args.host, "--port", str(args.http_port)]
     translator += ["--upstream", f"{grpc_host}:{args.grpc_port}"]
     if args.api_key:

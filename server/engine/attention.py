@@ -11,6 +11,11 @@ blocks, pads them to the group's longest context and runs one masked SDPA call f
 one group for decodes (one query each) and one for prefill chunks. The mask is causal within the
 chunk and covers all earlier cached tokens; sliding windows and GQA are handled, soft-capping
 falls back to an explicit softmax.
+
+Per-step cost matters on CPUs (this runs 2 x layers times a step): cache writes use `index_copy_`,
+gathers use `index_select` on flat slot lists, and a group whose queries are one token each at
+consecutive packed positions (the decodes, packed first) reads and writes its queries as a slice,
+without a gather or a scatter.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ class AttentionGroup:
     key_slots: torch.Tensor  # [S, K] long
     key_lengths: torch.Tensor  # [S] long
     mask: torch.Tensor  # [S, 1, Q, K] bool, True where attention is allowed
+    # (first packed position, S) when every query is one token and they are packed consecutively.
+    single_query_span: tuple[int, int] | None = None
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
     _biases: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
 
@@ -112,6 +119,8 @@ def build_attention_group(
     key_slots = key_blocks * block_size + key_positions % block_size
     mask = key_positions[None, None, :] <= query_positions[:, :, None]
     mask[:, :, 0] |= ~query_valid
+    first = query_starts[0]
+    consecutive = max_queries == 1 and query_starts == list(range(first, first + num_sequences))
     return AttentionGroup(
         query_index=query_index.to(device),
         query_valid=query_valid.to(device),
@@ -119,6 +128,7 @@ def build_attention_group(
         key_slots=key_slots.to(device),
         key_lengths=torch.tensor(key_lengths).to(device),
         mask=mask[:, None, :, :].to(device),
+        single_query_span=(first, num_sequences) if consecutive else None,
     )
 
 
@@ -172,21 +182,36 @@ def paged_attention_forward(
     key_cache = paged_metadata.key_caches[layer_index]
     value_cache = paged_metadata.value_caches[layer_index]
     # [1, KV, T, D] -> [T, KV, D], written at the tokens' slots.
-    key_cache[paged_metadata.slot_mapping] = key[0].transpose(0, 1).to(key_cache.dtype)
-    value_cache[paged_metadata.slot_mapping] = value[0].transpose(0, 1).to(value_cache.dtype)
+    slot_mapping = paged_metadata.slot_mapping
+    key_cache.index_copy_(0, slot_mapping, key[0].transpose(0, 1).to(key_cache.dtype))
+    value_cache.index_copy_(0, slot_mapping, value[0].transpose(0, 1).to(value_cache.dtype))
 
     packed_queries = query[0].transpose(0, 1)  # [T, H, D]
     output = torch.empty_like(packed_queries)
     if sliding_window is None:
         sliding_window = getattr(module, "sliding_window", None)
     for group in paged_metadata.groups:
-        group_queries = packed_queries[group.query_index].permute(0, 2, 1, 3)  # [S, H, Q, D]
-        group_keys = key_cache[group.key_slots].permute(0, 2, 1, 3).to(query.dtype)  # [S, KV, K, D]
-        group_values = value_cache[group.key_slots].permute(0, 2, 1, 3).to(query.dtype)
+        span = group.single_query_span
+        if span is not None:
+            group_queries = packed_queries[span[0] : span[0] + span[1]].unsqueeze(2)  # [S, H, 1, D]
+        else:
+            group_queries = packed_queries[group.query_index].permute(0, 2, 1, 3)  # [S, H, Q, D]
+        group_keys = _gather(key_cache, group.key_slots, query.dtype)  # [S, KV, K, D]
+        group_values = _gather(value_cache, group.key_slots, query.dtype)
         attended = _attend(group_queries, group_keys, group_values, group, sliding_window, scaling, softcap)
-        attended = attended.permute(0, 2, 1, 3)  # [S, Q, H, D]
-        output[group.query_index[group.query_valid]] = attended[group.query_valid]
+        if span is not None:
+            output[span[0] : span[0] + span[1]] = attended.squeeze(2)
+        else:
+            attended = attended.permute(0, 2, 1, 3)  # [S, Q, H, D]
+            output[group.query_index[group.query_valid]] = attended[group.query_valid]
     return output.unsqueeze(0), None
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache [num_slots, KV, D] at slots [S, K] -> [S, KV, K, D] (a view of one flat gather)."""
+    num_sequences, num_keys = slots.shape
+    gathered = cache.index_select(0, slots.reshape(-1)).view(num_sequences, num_keys, *cache.shape[1:])
+    return gathered.permute(0, 2, 1, 3).to(dtype)
 
 
 def register_paged_attention() -> str:

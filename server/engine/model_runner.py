@@ -18,6 +18,7 @@ from protoserve.server.engine.attention import (
     build_attention_group,
     register_paged_attention,
 )
+from protoserve.server.engine.cpu_linear import use_row_split_linears
 from protoserve.server.engine.errors import UnsupportedModelError
 from protoserve.server.engine.multimodal import compute_prompt_embeddings
 from protoserve.server.engine.scheduler import ScheduledSequence, SchedulerOutput
@@ -119,6 +120,7 @@ class ModelRunner:
         attention_name = register_paged_attention()
         model.config.get_text_config()._attn_implementation = attention_name
         self._check_attention_dispatch(attention_name)
+        use_row_split_linears(model)
         self.input_embeddings = model.get_input_embeddings()
 
     def _check_attention_dispatch(self, attention_name: str) -> None:

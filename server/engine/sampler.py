@@ -234,9 +234,12 @@ class Sampler:
         vocab = logits.shape[1]
         masked_rows: list[int] = []
         masks: list[torch.Tensor] = []
+        blocked_only: list[tuple[int, list[int]]] = []
         for position, row in enumerate(rows):
             blocked = _blocked_end_tokens(row)
-            if row.constraint is None and not blocked:
+            if row.constraint is None:
+                if blocked:
+                    blocked_only.append((position, [t for t in blocked if 0 <= t < vocab]))
                 continue
             allowed = _constraint_mask(row, vocab)
             for token_id in blocked:
@@ -244,6 +247,8 @@ class Sampler:
                     allowed[token_id] = False
             masked_rows.append(position)
             masks.append(allowed)
+        if blocked_only:
+            _block_tokens(logits, blocked_only, rows)
         if not masked_rows:
             return
         device = logits.device
@@ -260,6 +265,32 @@ class Sampler:
                 if not eos_ids or bool(torch.isneginf(masked[local]).all()):
                     masked[local] = subset[local]
         logits[positions] = masked
+
+
+def _block_tokens(logits: torch.Tensor, blocked: Sequence[tuple[int, list[int]]], rows: Sequence[SamplingRow]) -> None:
+    """Set a few token ids of unconstrained rows to -inf in place (min_tokens, ignore_eos), without
+    building full-vocabulary masks: the same result as the masked path, with the same fallback
+    (EOS back, else the unmasked row) for a row left with nothing allowed."""
+    device = logits.device
+    row_index = [position for position, token_ids in blocked for _ in token_ids]
+    token_index = [token_id for _, token_ids in blocked for token_id in token_ids]
+    if not row_index:
+        return
+    pairs = (torch.tensor(row_index, device=device), torch.tensor(token_index, device=device))
+    saved = logits[pairs].tolist()
+    logits[pairs] = float("-inf")
+    positions = sorted({position for position, _ in blocked})
+    nothing_allowed = torch.isneginf(logits[positions]).all(dim=1).tolist()
+    for position, empty in zip(positions, nothing_allowed, strict=True):
+        if not empty:
+            continue
+        originals = {t: v for p, t, v in zip(row_index, token_index, saved, strict=True) if p == position}
+        eos_ids = [t for t in rows[position].eos_token_ids if t in originals]
+        for token_id in eos_ids:
+            logits[position, token_id] = originals[token_id]
+        if not eos_ids or bool(torch.isneginf(logits[position]).all()):
+            for token_id, value in originals.items():
+                logits[position, token_id] = value
 
 
 def _token_tensor(token_ids: Sequence[int], vocab: int, device: torch.device) -> torch.Tensor:

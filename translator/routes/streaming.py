@@ -54,13 +54,10 @@ async def relay(
         await stream.start()
         failure: ApiError | None = None
         try:
-            for event in first_events:
-                await stream.send(event, event_name(event))
+            await stream.send_all([(event, event_name(event)) for event in first_events])
             async for message in messages:
-                for event in to_events(message):
-                    await stream.send(event, event_name(event))
-            for event in finish():
-                await stream.send(event, event_name(event))
+                await stream.send_all([(event, event_name(event)) for event in to_events(message)])
+            await stream.send_all([(event, event_name(event)) for event in finish()])
         except ApiError as error:
             failure = error
         except OSError:  # the client went away (ConnectionResetError): nothing more can be sent

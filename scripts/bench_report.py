@@ -1,0 +1,201 @@
+"""Turning scripts/bench.py results into a console table, ratios, a PNG plot and the README section.
+
+The results are `{server name: [one row per concurrency level]}`, each row a `LoadResult.as_dict()`
+plus `peak_rss_mib` and the load average around the level. Server names are `transformers/rest`,
+`protoserve/rest` and `protoserve/grpc`; ratios compare protoserve's REST figures with
+transformers serve's, and protoserve's REST throughput with its own gRPC throughput.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+from pathlib import Path
+from typing import Any
+
+Report = dict[str, list[dict[str, Any]]]
+
+README_START, README_END = "<!-- performance:start -->", "<!-- performance:end -->"
+# The issue's targets, checked in the README section (ratios measured in one run).
+TARGET_THROUGHPUT_AT_16 = 5.0
+TARGET_THROUGHPUT_AT_1 = 2.0
+TARGET_TTFT_FRACTION_AT_16 = 1 / 3
+TARGET_TRANSLATOR_EFFICIENCY_AT_16 = 0.9
+
+
+def row_at(rows: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | None:
+    return next((row for row in rows if row["concurrency"] == concurrency), None)
+
+
+def ratio_rows(report: Report, concurrencies: list[int]) -> list[dict[str, Any]]:
+    """Per concurrency: protoserve/transformers throughput and TTFT p50, and REST/gRPC throughput."""
+    rows = []
+    for concurrency in concurrencies:
+        rest = row_at(report.get("protoserve/rest", []), concurrency)
+        transformers = row_at(report.get("transformers/rest", []), concurrency)
+        grpc = row_at(report.get("protoserve/grpc", []), concurrency)
+        row: dict[str, Any] = {"concurrency": concurrency}
+        if rest and transformers:
+            row["throughput_x"] = rest["output_tokens_per_s"] / max(transformers["output_tokens_per_s"], 1e-9)
+            row["ttft_p50_fraction"] = rest["ttft_p50_s"] / max(transformers["ttft_p50_s"], 1e-9)
+        if rest and grpc:
+            row["translator_efficiency"] = rest["output_tokens_per_s"] / max(grpc["output_tokens_per_s"], 1e-9)
+        if len(row) > 1:
+            rows.append(row)
+    return rows
+
+
+def print_table(report: Report, concurrencies: list[int]) -> None:
+    header = (
+        f"{'server':<22}{'conc':>5}{'tok/s':>9}{'req/s':>8}{'TTFT p50':>10}{'TTFT p90':>10}"
+        f"{'ITL p50':>9}{'ITL p90':>9}{'RSS MiB':>9}{'tok/req':>8}{'err':>5}{'load':>6}"
+    )
+    print("\n" + header + "\n" + "-" * len(header))
+    for name, rows in report.items():
+        for row in rows:
+            print(
+                f"{name:<22}{row['concurrency']:>5}{row['output_tokens_per_s']:>9.1f}{row['requests_per_s']:>8.2f}"
+                f"{row['ttft_p50_s']:>10.3f}{row['ttft_p90_s']:>10.3f}{row['itl_p50_s'] * 1e3:>8.1f}m"
+                f"{row['itl_p90_s'] * 1e3:>8.1f}m{row['peak_rss_mib']:>9.0f}{row['tokens_per_request']:>8.1f}"
+                f"{row['errors']:>5}{row['load_average']:>6.1f}"
+            )
+    ratios = ratio_rows(report, concurrencies)
+    if ratios:
+        print("\nratios (protoserve / transformers serve, REST; translator = REST / gRPC)")
+        for row in ratios:
+            print("  " + "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
+def plot(report: Report, path: Path, title: str) -> None:
+    """Throughput and TTFT p50 against concurrency, one line per server; a small PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (throughput, ttft) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for name, rows in report.items():
+        xs = [r["concurrency"] for r in rows]
+        throughput.plot(xs, [r["output_tokens_per_s"] for r in rows], marker="o", label=name)
+        ttft.plot(xs, [r["ttft_p50_s"] for r in rows], marker="o", label=name)
+    for axis, label in ((throughput, "output tokens/s"), (ttft, "TTFT p50 (s, log)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent streams")
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    ttft.set_yscale("log")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def describe_machine() -> str:
+    """CPU model, cores, memory, torch and transformers versions: what the figures depend on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        cpu = match.group(1).strip() if match else cpu
+    except OSError:
+        pass
+    memory = ""
+    try:
+        match = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+        memory = f", {int(match.group(1)) / 2**20:.0f} GiB RAM" if match else ""
+    except OSError:
+        pass
+    versions = []
+    for module in ("torch", "transformers"):
+        try:
+            versions.append(f"{module} {__import__(module).__version__}")
+        except ImportError:
+            pass
+    return f"{cpu}, {os.cpu_count()} cores{memory}; {', '.join(versions)}; Python {platform.python_version()}"
+
+
+def _verdict(value: float | None, target: float, higher_is_better: bool) -> str:
+    if value is None:
+        return "not measured"
+    met = value >= target if higher_is_better else value <= target
+    return f"{value:.2f} ({'met' if met else 'missed'})"
+
+
+def readme_section(result: dict[str, Any], engine_result: dict[str, Any] | None = None) -> str:
+    """The Markdown between the performance markers: setup, results, ratios, targets, notes."""
+    report: Report = result["results"]
+    settings = result["settings"]
+    concurrencies = [int(c) for c in settings["concurrency"]]
+    lines = [
+        f"Measured {result['date']} by `python scripts/bench.py --write-readme` on {result['machine']}.",
+        f"Model {settings['model']} ({settings['dtype']}, {settings['device']}), prompt ~{settings['prompt_tokens']} "
+        f"tokens (chat template included), {settings['output_len']} output tokens per request (forced: "
+        "`min_tokens` / `min_new_tokens`), greedy, closed loop of streamed chat completions, "
+        f"{settings['rounds']} x concurrency requests per level (at least {settings['min_requests']}). "
+        f"protoserve ran with {settings['protoserve_flags'] or 'default flags'}; transformers serve "
+        f"{settings['transformers_version']} with `--continuous-batching`. Client, translator and servers share the "
+        "same cores; `load` is the 1-minute load average during the level (other work on the machine shows there).",
+        "",
+        "![throughput and TTFT against concurrency](docs/bench-cpu.png)",
+        "",
+        "| server | streams | output tok/s | req/s | TTFT p50 | TTFT p90 | ITL p50 | ITL p90 | peak RSS | tok/req "
+        "| load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for concurrency in concurrencies:
+        for name, rows in report.items():
+            row = row_at(rows, concurrency)
+            if row is None:
+                continue
+            lines.append(
+                f"| {name} | {concurrency} | {row['output_tokens_per_s']:.1f} | {row['requests_per_s']:.2f} | "
+                f"{row['ttft_p50_s']:.2f} s | {row['ttft_p90_s']:.2f} s | {row['itl_p50_s'] * 1e3:.0f} ms | "
+                f"{row['itl_p90_s'] * 1e3:.0f} ms | {row['peak_rss_mib']:.0f} MiB | {row['tokens_per_request']:.1f} | "
+                f"{row['load_average']:.1f} |" + (f" errors: {row['errors']}" if row["errors"] else "")
+            )
+    ratios = ratio_rows(report, concurrencies)
+    if ratios:
+        lines += [
+            "",
+            "| streams | throughput protoserve / transformers serve | TTFT p50 protoserve / transformers serve "
+            "| REST / gRPC throughput |",
+            "|---|---|---|---|",
+        ]
+        for row in ratios:
+            cells = [f"{row[key]:.2f}" if key in row else "-" for key in
+                     ("throughput_x", "ttft_p50_fraction", "translator_efficiency")]  # fmt: skip
+            lines.append(f"| {row['concurrency']} | " + " | ".join(cells) + " |")
+    by_concurrency = {row["concurrency"]: row for row in ratios}
+    at_16, at_1 = by_concurrency.get(16, {}), by_concurrency.get(1, {})
+    lines += [
+        "",
+        "Targets (issue: ratios in one run): "
+        f"throughput at 16 streams >= {TARGET_THROUGHPUT_AT_16:.0f}x: "
+        f"{_verdict(at_16.get('throughput_x'), TARGET_THROUGHPUT_AT_16, True)}; "
+        f"TTFT p50 at 16 <= 1/3: {_verdict(at_16.get('ttft_p50_fraction'), TARGET_TTFT_FRACTION_AT_16, False)}; "
+        f"throughput at 1 stream >= {TARGET_THROUGHPUT_AT_1:.0f}x: "
+        f"{_verdict(at_1.get('throughput_x'), TARGET_THROUGHPUT_AT_1, True)}; "
+        f"REST >= 90% of gRPC at 16: "
+        f"{_verdict(at_16.get('translator_efficiency'), TARGET_TRANSLATOR_EFFICIENCY_AT_16, True)}.",
+    ]
+    if engine_result:
+        lines += ["", f"Engine alone (`scripts/bench_engine.py`): {engine_result['summary']}"]
+    notes = [note for note in settings.get("notes", []) if note]
+    if notes:
+        lines += ["", *[f"- {note}" for note in notes]]
+    return "\n".join(lines)
+
+
+def write_readme_section(readme: Path, section: str) -> None:
+    """Replace what sits between the performance markers (and nothing else)."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} section")
+    readme.write_text(text[: start + len(README_START)] + "\n" + section + "\n" + text[end:])
+
+
+def today() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -1,0 +1,56 @@
+"""Faster small-batch linear layers on CPU: y = x W^T computed as (W x^T)^T when x has few rows.
+
+A decode step multiplies a handful of rows (one per running sequence) by every weight matrix. In
+the `x @ W^T` form the BLAS library splits that handful of rows over its threads; in the
+`W @ x^T` form it splits the weight's rows, which keeps every thread busy. Measured on a 2-core
+AMD EPYC with MKL and SmolLM2-135M's shapes: 15-25% less time for the model's linears at 4-16
+rows with 2 threads, the same with 1 thread, slower from about 64 rows on (prefill keeps the usual
+form). Results equal the usual form up to float rounding (the sums run in another order).
+
+`use_row_split_linears(model)` switches the plain `nn.Linear` layers of a model that lives on the
+CPU in float32; quantized or other subclasses keep their own forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# Row counts (tokens in the step) for which the W @ x^T form is used.
+MIN_ROWS, MAX_ROWS = 2, 32
+
+
+def row_split_linear(module: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """`module(hidden)`, as W @ x^T for 2..32 rows, else the usual F.linear."""
+    rows = hidden.numel() // hidden.shape[-1] if hidden.shape[-1] else 0
+    if not MIN_ROWS <= rows <= MAX_ROWS or hidden.dtype != module.weight.dtype:
+        return F.linear(hidden, module.weight, module.bias)
+    flat = hidden.reshape(rows, hidden.shape[-1])
+    output = torch.mm(module.weight, flat.t()).t()
+    if module.bias is not None:
+        output = output + module.bias
+    return output.contiguous().view(*hidden.shape[:-1], module.weight.shape[0])
+
+
+def use_row_split_linears(model: torch.nn.Module) -> int:
+    """Route the model's plain float32 CPU `nn.Linear` layers through `row_split_linear`; returns
+    how many were switched (0 on other devices and dtypes)."""
+    switched = 0
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear:
+            continue
+        weight = module.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+            continue
+        module.forward = _bound(module)  # type: ignore[method-assign,assignment]
+        switched += 1
+    return switched
+
+
+def _bound(module: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        return row_split_linear(module, hidden)
+
+    return forward
