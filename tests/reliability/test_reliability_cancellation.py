@@ -57,8 +57,8 @@ async def test_abandoned_requests_free_their_blocks(
             *(_rest_client_gives_up(stack.base_url, stack.model_id, index) for index in range(CLIENTS))
         )
         assert all(rest_timeouts)
-        # Measured ~10 s here (gRPC deadlines free in ~20 ms): the figure is published, and the budget
-        # leaves room on slower CI machines while that difference is investigated.
+        # 0.07 s on a quiet clean run, ~10 s once while other test suites loaded both cores: the budget
+        # leaves room for a busy CI machine; the measured figure is published either way.
         settle_rest_s = await wait_until(
             lambda: stack.stats().running_requests == 0 and stack.stats().waiting_requests == 0,
             30,
