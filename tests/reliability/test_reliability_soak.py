@@ -24,9 +24,10 @@ from reliability.soak_load import SoakTally, SoakTargets, run_mixed_load
 if TYPE_CHECKING:
     from protoserve.server.demo_models import DemoModels
 
-pytestmark = pytest.mark.slow
 
 SOAK_SECONDS = float(os.environ.get("PROTOSERVE_SOAK_SECONDS", "600"))
+# The soak runs for SOAK_SECONDS; the suite-wide 600 s pytest timeout would cut it, so it gets its own.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(SOAK_SECONDS + 600)]
 SAMPLE_EVERY_S = 5.0
 
 
