@@ -3,7 +3,8 @@
 `RequestLogInterceptor` wraps every call (health and reflection excepted): it gives a request
 without a caller-chosen id one (`req-<uuid>`, written into `request.options.request_id` before the
 servicer sees it, so servicers always echo a non-empty id), times the call, and logs at INFO one
-line with id, model, rpc, status, tokens and duration. Servicers add what only they know (the
+line with id, model, rpc, status, tokens, duration and the caller's end-user id (`options.user`,
+OpenAI's `user`, for abuse tracing). Servicers add what only they know (the
 model that answered, token counts) to the current call's `RequestRecord` through `note_model` and
 `note_tokens`; `ServerMetrics` does so for them.
 """
@@ -50,6 +51,7 @@ class RequestRecord:
     rpc: str
     request_id: str = ""
     model: str = ""
+    user: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -97,6 +99,12 @@ def assign_request_id(request: Any) -> str:
     return str(options.request_id)
 
 
+def end_user_id(request: Any) -> str:
+    """The caller's end-user id (`options.user`), at most 128 characters, or ''."""
+    options = getattr(request, "options", None)
+    return str(getattr(options, "user", "") or "")[:128]
+
+
 def status_name(context: Context, error: BaseException | None) -> str:
     """The name of the status a call ended with, given the exception that ended it (None: returned)."""
     if isinstance(error, asyncio.CancelledError):
@@ -132,6 +140,7 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
         async def logged(request: Any, context: Context) -> AsyncIterator[None]:
             record = RequestRecord(rpc=rpc, request_id=assign_request_id(request) or new_request_id())
             record.model = str(getattr(request, "model", "") or "")
+            record.user = end_user_id(request)
             # Each call runs in its own task, so the value never outlives the call.
             _current_record.set(record)
             started = time.monotonic()
@@ -143,8 +152,7 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 logger.info(
-                    "request %s model=%s rpc=%s status=%s prompt_tokens=%d completion_tokens=%d "
-                    "duration=%.3fs",
+                    "request %s model=%s rpc=%s status=%s prompt_tokens=%d completion_tokens=%d duration=%.3fs user=%s",
                     printable(record.request_id) or "-",
                     printable(record.model) or "default",
                     record.rpc,
@@ -152,6 +160,7 @@ class RequestLogInterceptor(grpc.aio.ServerInterceptor):
                     record.prompt_tokens,
                     record.completion_tokens,
                     time.monotonic() - started,
+                    printable(record.user) or "-",
                 )
 
         return around_call(handler, logged)  # type: ignore[return-value]

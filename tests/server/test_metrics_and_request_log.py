@@ -21,9 +21,12 @@ def _scrape(port: int) -> str:
         return response.read().decode()
 
 
-async def _generate(channel: grpc.aio.Channel, request_id: str = "") -> list[generation_pb2.GenerationChunk]:
+async def _generate(
+    channel: grpc.aio.Channel, request_id: str = "", user: str = ""
+) -> list[generation_pb2.GenerationChunk]:
     stub = generation_pb2_grpc.GenerationServiceStub(channel)
-    request = generation_pb2.GenerateRequest(text="hi", options=common_pb2.RequestOptions(request_id=request_id))
+    options = common_pb2.RequestOptions(request_id=request_id, user=user)
+    request = generation_pb2.GenerateRequest(text="hi", options=options)
     call = stub.Generate(request, timeout=5)
     chunks = []
     while (chunk := await call.read()) is not grpc.aio.EOF:
@@ -92,7 +95,7 @@ async def test_one_log_line_per_request(caplog: pytest.LogCaptureFixture) -> Non
     async with running_server([generation_model("tiny", engine)], warm_up=False) as running:
         async with grpc.aio.insecure_channel(target(running)) as channel:
             chunks = await _generate(channel)
-            await _generate(channel, request_id="mine-42")
+            await _generate(channel, request_id="mine-42", user="end-user-7")
             with pytest.raises(grpc.aio.AioRpcError):
                 await models_pb2_grpc.ModelServiceStub(channel).GetModel(models_pb2.GetModelRequest(id="x"))
     lines = [record.getMessage() for record in caplog.records if record.name == "protoserve.server.requests"]
@@ -102,7 +105,8 @@ async def test_one_log_line_per_request(caplog: pytest.LogCaptureFixture) -> Non
     assert lines[0].startswith(
         f"request {made_id} model=tiny rpc=Generate status=OK prompt_tokens=3 completion_tokens=3"
     )
-    assert lines[1].startswith("request mine-42 ")
+    assert lines[1].startswith("request mine-42 ") and lines[1].endswith(" user=end-user-7")
+    assert lines[0].endswith(" user=-")
     assert "rpc=GetModel status=NOT_FOUND" in lines[2]
 
 
@@ -110,6 +114,8 @@ async def test_log_lines_cannot_be_forged_by_request_ids(caplog: pytest.LogCaptu
     caplog.set_level(logging.INFO, logger="protoserve.server.requests")
     async with running_server([generation_model("tiny")], warm_up=False) as running:
         async with grpc.aio.insecure_channel(target(running)) as channel:
-            await _generate(channel, request_id="x\nrequest forged status=OK" + "y" * 500)
+            await _generate(
+                channel, request_id="x\nrequest forged status=OK" + "y" * 500, user="u\nforged " + "z" * 500
+            )
     lines = [record.getMessage() for record in caplog.records if record.name == "protoserve.server.requests"]
     assert len(lines) == 1 and "\n" not in lines[0] and len(lines[0]) < 400
