@@ -102,21 +102,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"protoserve serve: error: {exc}", file=sys.stderr)
         return 2
-    apply_torch_threads(config.torch_threads)
+    from protoserve.server.engine import compute_threads
+
+    compute_threads.reserve(config.torch_threads)
     return asyncio.run(serve(config))
-
-
-def apply_torch_threads(threads: int | None) -> None:
-    """Set torch's intra-op threads for this process (None: leave torch's default). Inter-op
-    threads go to 1: the engine runs one forward at a time, so a second pool only competes."""
-    if threads is None:
-        return
-    import torch
-
-    torch.set_num_threads(threads)
-    with suppress(RuntimeError):  # torch refuses once inter-op work has started; then it stays as is
-        torch.set_num_interop_threads(1)
-    logger.info("torch CPU threads: %d", torch.get_num_threads())
 
 
 async def serve(config: ServerConfig, registry: ModelRegistry | None = None) -> int:

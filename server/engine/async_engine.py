@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from protoserve.server.engine import compute_threads
 from protoserve.server.engine.api import EngineConfig, EngineRequest, EngineStats, FinishReason, RequestOutput
 from protoserve.server.engine.engine import LLMEngine
 from protoserve.server.engine.errors import EngineDeadError, EngineError, InvalidRequestError, RequestFailedError
@@ -128,6 +129,7 @@ class AsyncEngine:
         )
 
     def _run(self) -> None:
+        compute_threads.enter()
         try:
             self._loop()
         except BaseException:  # a bug in the loop itself: never leave callers waiting forever

@@ -20,6 +20,7 @@ from protoserve.server.engine.attention import (
 )
 from protoserve.server.engine.cpu_linear import use_row_split_linears
 from protoserve.server.engine.errors import UnsupportedModelError
+from protoserve.server.engine.fast_decoder import FastDecoderForward, fast_decoder_for
 from protoserve.server.engine.multimodal import compute_prompt_embeddings
 from protoserve.server.engine.scheduler import ScheduledSequence, SchedulerOutput
 from transformers import PreTrainedModel
@@ -122,6 +123,8 @@ class ModelRunner:
         self._check_attention_dispatch(attention_name)
         use_row_split_linears(model)
         self.input_embeddings = model.get_input_embeddings()
+        # The lean forward for Llama-shaped decoders; None keeps transformers' forward.
+        self.fast_forward: FastDecoderForward | None = fast_decoder_for(model)
 
     def _check_attention_dispatch(self, attention_name: str) -> None:
         """Every attention layer must now read the paged implementation from its config."""
@@ -188,14 +191,26 @@ class ModelRunner:
         nothing_to_sample = not sample_indices  # only prefill chunks that stop short of the prompt's end
         if nothing_to_sample:
             sample_indices = [len(token_ids) - 1]  # keeps the LM head's input non-empty; dropped below
-        result = self.model(
-            **model_inputs,
-            position_ids=torch.tensor([positions], dtype=torch.long, device=self.device),
-            use_cache=False,
-            logits_to_keep=torch.tensor(sample_indices, dtype=torch.long, device=self.device),
-            paged_metadata=metadata,
-        )
-        logits = result.logits[0].float()
+        position_ids = torch.tensor(positions, dtype=torch.long, device=self.device)
+        sample_rows = torch.tensor(sample_indices, dtype=torch.long, device=self.device)
+        if self.fast_forward is not None:
+            embeddings = model_inputs.get("inputs_embeds")
+            logits = self.fast_forward(
+                input_ids[0] if embeddings is None else None,
+                embeddings[0] if embeddings is not None else None,
+                position_ids,
+                metadata,
+                sample_rows,
+            ).float()
+        else:
+            result = self.model(
+                **model_inputs,
+                position_ids=position_ids[None, :],
+                use_cache=False,
+                logits_to_keep=sample_rows,
+                paged_metadata=metadata,
+            )
+            logits = result.logits[0].float()
         return logits[:0] if nothing_to_sample else logits
 
     def _prompt_embeddings(self, item: ScheduledSequence) -> torch.Tensor:

@@ -20,17 +20,20 @@ loop. A consumer that stops iterating stops the transcription after the window i
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from protoserve.server.engine import compute_threads
 from protoserve.server.engine.errors import InvalidRequestError, UnsupportedModelError
 from protoserve.server.transcription.audio import SAMPLE_RATE, AudioClip, decode_audio
 from protoserve.server.transcription.contract import (
@@ -93,6 +96,15 @@ class SpeechModel:
         suppressed = getattr(model.generation_config, "suppress_tokens", None) or ()
         self.suppressed_tokens = tuple(int(token) for token in suppressed if 0 <= int(token) < vocab_size)
         self._lock = threading.Lock()
+        # Windows are decoded one at a time (the lock) on one long-lived compute thread, so the
+        # process holds one OpenMP pool for speech, not one per executor thread (compute_threads).
+        self._worker = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"protoserve-speech-{model_id}", initializer=compute_threads.enter
+        )
+
+    def close(self) -> None:
+        """Stop the decoding thread once its current window is done (the model is being unloaded)."""
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     def _check_options(self, options: TranscribeOptions) -> str:
         """Validate the options; return the language code, or "" when it must be detected."""
@@ -212,9 +224,8 @@ class SpeechModel:
         texts: list[str] = []
         seek = 0
         while clip.samples.size - seek >= MIN_WINDOW_SECONDS * SAMPLE_RATE:
-            segments, seek, language = await asyncio.to_thread(
-                self._transcribe_window, clip, seek, language, options, progress, generator
-            )
+            window = functools.partial(self._transcribe_window, clip, seek, language, options, progress, generator)
+            segments, seek, language = await asyncio.get_running_loop().run_in_executor(self._worker, window)
             if segments:
                 texts.extend(segment.text for segment in segments)
                 yield SegmentEvent(segments=tuple(segments))

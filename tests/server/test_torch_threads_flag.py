@@ -1,13 +1,15 @@
-"""`--torch-threads` on serve and up: parsed, validated, passed through, and applied to torch."""
+"""`--torch-threads` on serve and up: parsed, validated and passed through.
+
+Applying the count to the compute threads is tested in tests/engine/test_compute_threads.py.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 import pytest
-import torch
 from protoserve.client.cli import up
-from protoserve.server.cli import add_serve_arguments, apply_torch_threads
+from protoserve.server.cli import add_serve_arguments
 from protoserve.server.config import ConfigError, ServerConfig
 
 
@@ -46,14 +48,3 @@ def test_up_refuses_a_bad_thread_count(value: str, capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         _up_args("--torch-threads", value)
     assert "--torch-threads" in capsys.readouterr().err
-
-
-def test_apply_sets_torch_threads_and_none_leaves_them() -> None:
-    before = torch.get_num_threads()
-    try:
-        apply_torch_threads(None)
-        assert torch.get_num_threads() == before
-        apply_torch_threads(1)
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)

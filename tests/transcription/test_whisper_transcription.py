@@ -241,3 +241,34 @@ async def test_concurrent_requests_share_the_model_one_window_at_a_time(
     )
     assert list(together) == alone
     assert most_active == 1
+
+
+async def test_windows_run_on_the_models_compute_thread_with_the_reserved_threads(
+    tiny_whisper_english: Path, fox_wav: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from protoserve.server.engine import compute_threads
+
+    before = torch.get_num_threads()
+    seen: list[tuple[str, int]] = []
+    original: Callable[..., Any] = speech_model_module.decode_window
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(speech_model_module, "decode_window", recording)
+    try:
+        compute_threads.reserve(2)
+        model = load_speech_model(tiny_whisper_english, device="cpu")
+        await _collect(model, fox_wav, ONE_DECODE)
+        await _collect(model, fox_wav, ONE_DECODE)
+        model.close()
+        with pytest.raises(RuntimeError):  # closed: no more windows are taken
+            await _collect(model, fox_wav, ONE_DECODE)
+    finally:
+        compute_threads.release()
+        torch.set_num_threads(before)
+    assert len(seen) == 2
+    assert {name for name, _ in seen} == {seen[0][0]} and seen[0][0].startswith("protoserve-speech-")
+    assert all(threads == 2 for _, threads in seen)

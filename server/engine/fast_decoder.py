@@ -1,0 +1,163 @@
+"""A lean forward for Llama-shaped decoders (Llama, SmolLM, Qwen2, Mistral without sliding windows).
+
+transformers' forward is general: per layer it goes through module calls, keyword plumbing, mask
+and cache logic the engine does not use, and it spends a few dozen small ops on norms and rotary
+embeddings. At one running sequence a step is a memory-bound pass over the weights, so that
+per-op overhead is a large share of it: SmolLM2-135M on 2 cores, one sequence, 46 ms per step
+through transformers' forward, most of the rest beside the ~27 ms of matrix products.
+
+`FastDecoderForward` runs the same layers with the same weights, in the same order, over the
+engine's packed tokens: q, k and v come out of one matrix product and gate and up out of
+another (the modules' weights become views of the fused matrices, so no memory is added),
+rotary embeddings are applied in place on the packed [tokens, heads, dim] layout, attention is
+the engine's paged attention, and only the rows that need a sample go through the final norm and
+the LM head. The results equal transformers' forward up to float rounding (the fused products
+sum in another order); the engine's parity tests against `model.generate` run through it.
+
+`fast_decoder_for(model)` returns None for any model it does not cover exactly (another class,
+another activation, sliding windows, quantized or replaced linear layers, ...); the engine then
+keeps transformers' forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from protoserve.server.engine.attention import PagedAttentionMetadata, paged_attention_forward
+from protoserve.server.engine.cpu_linear import small_batch_linear
+from transformers import PreTrainedModel
+
+# Causal LM classes whose decoder layers are exactly: RMSNorm, attention (q/k/v/o linears, rotary,
+# optional q/k/v biases), residual, RMSNorm, gated SiLU MLP (gate/up/down), residual.
+COVERED_CLASSES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"})
+
+
+def fast_decoder_for(model: PreTrainedModel) -> FastDecoderForward | None:
+    """The lean forward for `model`, or None when it is not covered (see `why_not_covered`)."""
+    return FastDecoderForward(model) if why_not_covered(model) is None else None
+
+
+def why_not_covered(model: Any) -> str | None:
+    """None when the lean forward covers `model` exactly, else the first reason it does not."""
+    name = type(model).__name__
+    if name not in COVERED_CLASSES:
+        return f"{name} is not one of {sorted(COVERED_CLASSES)}"
+    config = model.config
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"activation {getattr(config, 'hidden_act', None)!r} is not silu"
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp splits the linears"
+    if getattr(config, "mlp_bias", False):
+        return "the MLP has biases"
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or ()):
+        return "some layers are not full attention"
+    if getattr(model.model, "embed_scale", None) is not None or getattr(config, "logits_scaling", None):
+        return "scaled embeddings or logits"
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        for linear in (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, mlp.gate_proj):
+            if type(linear) is not torch.nn.Linear or not linear.weight.is_floating_point():
+                return f"layer {attention.layer_idx} has a {type(linear).__name__} (quantized or replaced)"
+        for linear in (mlp.up_proj, mlp.down_proj, model.lm_head):
+            if type(linear) is not torch.nn.Linear or not linear.weight.is_floating_point():
+                return f"a {type(linear).__name__} (quantized or replaced)"
+        biases = [attention.q_proj.bias is None, attention.k_proj.bias is None, attention.v_proj.bias is None]
+        if len(set(biases)) != 1:
+            return "only some of q, k and v have biases"
+    return None
+
+
+class _FusedLayer:
+    """One decoder layer's tensors, with q/k/v and gate/up fused."""
+
+    def __init__(self, layer: Any) -> None:
+        attention, mlp = layer.self_attn, layer.mlp
+        self.attention: Any = attention
+        self.input_norm: Any = layer.input_layernorm
+        self.post_norm: Any = layer.post_attention_layernorm
+        self.qkv_weight = _fuse_weights([attention.q_proj, attention.k_proj, attention.v_proj])
+        biases = [attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias]
+        self.qkv_bias = torch.cat([bias.detach() for bias in biases]) if biases[0] is not None else None
+        self.q_size = attention.q_proj.out_features
+        self.kv_size = attention.k_proj.out_features
+        self.head_dim = attention.head_dim
+        self.o_proj: Any = attention.o_proj
+        self.gate_up_weight = _fuse_weights([mlp.gate_proj, mlp.up_proj])
+        self.intermediate = mlp.gate_proj.out_features
+        self.down_proj: Any = mlp.down_proj
+
+
+def _fuse_weights(linears: list[torch.nn.Linear]) -> torch.Tensor:
+    """Concatenate the linears' weights along the output rows and make each linear's weight a view
+    of its rows, so that the fused matrix is the only copy."""
+    fused = torch.cat([linear.weight.detach() for linear in linears])
+    row = 0
+    for linear in linears:
+        rows = linear.out_features
+        linear.weight = torch.nn.Parameter(fused[row : row + rows], requires_grad=False)
+        row += rows
+    return fused
+
+
+class FastDecoderForward:
+    """Packed tokens in, logits of the sampled rows out, for a covered model (`why_not_covered`)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        reason = why_not_covered(model)
+        if reason is not None:
+            raise ValueError(f"the lean forward does not cover this model: {reason}")
+        decoder: Any = model.model
+        self.model = model
+        self.decoder: Any = decoder
+        self.layers = [_FusedLayer(layer) for layer in decoder.layers]
+        self.rotary: Any = decoder.rotary_emb
+        self.final_norm: Any = decoder.norm
+        self.lm_head: Any = model.lm_head
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        positions: torch.Tensor,
+        metadata: PagedAttentionMetadata,
+        sample_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """input_ids [T] or inputs_embeds [T, hidden], positions [T] -> logits [len(sample_rows), vocab]."""
+        hidden = inputs_embeds if inputs_embeds is not None else self.decoder.embed_tokens(input_ids)
+        cos, sin = self.rotary(hidden, positions[None, :])
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, D]
+        tokens = hidden.shape[0]
+        for layer in self.layers:
+            attention = layer.attention
+            normed = layer.input_norm(hidden)
+            qkv = small_batch_linear(normed, layer.qkv_weight, layer.qkv_bias)
+            query = qkv[:, : layer.q_size].view(tokens, -1, layer.head_dim)
+            key = qkv[:, layer.q_size : layer.q_size + layer.kv_size].view(tokens, -1, layer.head_dim)
+            value = qkv[:, layer.q_size + layer.kv_size :].view(tokens, -1, layer.head_dim)
+            query = query * cos + _rotate_half(query) * sin
+            key = key * cos + _rotate_half(key) * sin
+            attended, _ = paged_attention_forward(
+                attention,
+                query.transpose(0, 1).unsqueeze(0),
+                key.transpose(0, 1).unsqueeze(0),
+                value.transpose(0, 1).unsqueeze(0),
+                None,
+                scaling=attention.scaling,
+                paged_metadata=metadata,
+            )
+            hidden = hidden + layer.o_proj(attended.reshape(tokens, -1))
+            normed = layer.post_norm(hidden)
+            gate_up = small_batch_linear(normed, layer.gate_up_weight, None)
+            activated = F.silu(gate_up[:, : layer.intermediate]) * gate_up[:, layer.intermediate :]
+            hidden = hidden + layer.down_proj(activated)
+        selected = hidden.index_select(0, sample_rows)
+        return self.lm_head(self.final_norm(selected))
+
+
+def _rotate_half(states: torch.Tensor) -> torch.Tensor:
+    half = states.shape[-1] // 2
+    return torch.cat((-states[..., half:], states[..., :half]), dim=-1)

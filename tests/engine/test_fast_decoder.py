@@ -1,0 +1,131 @@
+"""The lean forward for Llama-shaped decoders: which models it covers, that its logits equal
+transformers' forward over the same paged cache, and that fusing the weights adds no memory."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from protoserve.server.engine.api import EngineConfig
+from protoserve.server.engine.engine import LLMEngine
+from protoserve.server.engine.fast_decoder import FastDecoderForward, fast_decoder_for, why_not_covered
+from protoserve.server.engine.loader import loaded_from_model
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from .engine_fixtures import (
+    VOCAB_SIZE,
+    build_model,
+    greedy,
+    random_prompts,
+    run_until_done,
+    submit,
+    tiny_llama_config,
+    word_tokenizer,
+)
+
+SMALL = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+
+
+def covered_models() -> list[tuple[str, torch.nn.Module]]:
+    return [
+        ("llama", build_model(tiny_llama_config())),
+        ("llama with attention biases", build_model(tiny_llama_config(attention_bias=True), seed=3)),
+        ("qwen2 (q/k/v biases)", build_model(Qwen2Config(**SMALL), Qwen2ForCausalLM, seed=4)),
+        ("mistral without a window", build_model(MistralConfig(**SMALL, sliding_window=None), MistralForCausalLM)),
+    ]
+
+
+@pytest.mark.parametrize(("label", "model"), covered_models(), ids=[label for label, _ in covered_models()])
+def test_covered_models_get_the_lean_forward(label: str, model: torch.nn.Module) -> None:
+    assert why_not_covered(model) is None, label
+    engine = LLMEngine(loaded_from_model(copy.deepcopy(model), word_tokenizer()), EngineConfig(kv_cache_bytes=1 << 20))
+    assert isinstance(engine.runner.fast_forward, FastDecoderForward)
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (build_model(MistralConfig(**SMALL, sliding_window=6), MistralForCausalLM), "sliding-window"),
+        (build_model(Gemma2Config(**SMALL, head_dim=16), Gemma2ForCausalLM), "Gemma2ForCausalLM"),
+        (build_model(tiny_llama_config(hidden_act="gelu")), "activation"),
+        (build_model(tiny_llama_config(mlp_bias=True)), "MLP has biases"),
+    ],
+)
+def test_other_models_keep_transformers_forward(model: torch.nn.Module, reason: str) -> None:
+    assert reason in (why_not_covered(model) or "")
+    assert fast_decoder_for(model) is None
+    engine = LLMEngine(loaded_from_model(copy.deepcopy(model), word_tokenizer()), EngineConfig(kv_cache_bytes=1 << 20))
+    assert engine.runner.fast_forward is None
+    with pytest.raises(ValueError, match="does not cover"):
+        FastDecoderForward(model)
+
+
+def test_a_replaced_linear_is_not_covered() -> None:
+    class Replaced(torch.nn.Linear):
+        pass
+
+    model = build_model(tiny_llama_config())
+    old = model.model.layers[1].mlp.down_proj
+    model.model.layers[1].mlp.down_proj = Replaced(old.in_features, old.out_features, bias=False)
+    assert "Replaced" in (why_not_covered(model) or "")
+
+
+@pytest.mark.parametrize(("label", "model"), covered_models(), ids=[label for label, _ in covered_models()])
+def test_logits_equal_transformers_forward_step_by_step(label: str, model: torch.nn.Module) -> None:
+    """Two engines over the same weights, one with the lean forward switched off, run the same
+    mixed prefill/decode steps; every step's logits agree to float rounding."""
+    config = EngineConfig(kv_cache_bytes=1 << 20, block_size=4, max_num_batched_tokens=20)
+    lean = LLMEngine(loaded_from_model(copy.deepcopy(model), word_tokenizer()), config)
+    stock = LLMEngine(loaded_from_model(copy.deepcopy(model), word_tokenizer()), config)
+    stock.runner.fast_forward = None
+    captured: dict[str, list[torch.Tensor]] = {"lean": [], "stock": []}
+    for name, engine in (("lean", lean), ("stock", stock)):
+        original = engine.runner.execute
+
+        def recording(output, original=original, name=name):
+            logits = original(output)
+            captured[name].append(logits.clone())
+            return logits
+
+        engine.runner.execute = recording  # type: ignore[method-assign]
+        prompts = random_prompts(4, 3, 25, seed=12)
+        submit(engine, prompts, greedy(6))
+        run_until_done(engine)
+    assert len(captured["lean"]) == len(captured["stock"]) > 3
+    for lean_logits, stock_logits in zip(captured["lean"], captured["stock"], strict=True):
+        torch.testing.assert_close(lean_logits, stock_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_weights_are_views_and_add_no_memory() -> None:
+    model = build_model(tiny_llama_config())
+    before = sum(p.numel() for p in model.parameters())
+    reference = copy.deepcopy(model)
+    forward = FastDecoderForward(model)
+    layer = forward.layers[0]
+    attention = model.model.layers[0].self_attn
+    assert attention.q_proj.weight.data_ptr() == layer.qkv_weight.data_ptr()
+    assert attention.k_proj.weight.untyped_storage().data_ptr() == layer.qkv_weight.untyped_storage().data_ptr()
+    assert model.model.layers[0].mlp.up_proj.weight.untyped_storage().data_ptr() == (
+        layer.gate_up_weight.untyped_storage().data_ptr()
+    )
+    assert sum(p.numel() for p in model.parameters()) == before
+    for (name, fused), (_, original) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        assert torch.equal(fused, original), name
+    assert isinstance(model, LlamaForCausalLM)
