@@ -14,7 +14,7 @@ import pytest
 import torch
 from protoserve.server.engine.api import EngineRequest, SamplingParams
 from protoserve.server.engine.attention import PagedAttentionMetadata, build_attention_group, paged_attention_forward
-from protoserve.server.engine.cpu_linear import use_row_split_linears
+from protoserve.server.engine.cpu_linear import small_batch_linear, use_row_split_linears
 from protoserve.server.engine.sampler import Sampler, SamplingRow
 
 from .engine_fixtures import build_model, greedy, make_engine, run_until_done, tiny_llama_config
@@ -110,7 +110,7 @@ def test_kv_cache_too_small_for_one_block_is_a_clear_error() -> None:
         make_engine(build_model(tiny_llama_config()), kv_cache_bytes=16)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 8, 32, 64])
+@pytest.mark.parametrize("rows", [1, 2, 8, 32, 64, 128, 200])
 @pytest.mark.parametrize("bias", [True, False])
 def test_row_split_linear_equals_the_usual_linear(rows: int, bias: bool) -> None:
     torch.manual_seed(rows)
@@ -121,6 +121,26 @@ def test_row_split_linear_equals_the_usual_linear(rows: int, bias: bool) -> None
     result = layer(hidden)
     assert result.shape == expected.shape and result.is_contiguous()
     torch.testing.assert_close(result, expected)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("rows", "outputs"), [(1, 40), (1, 9000), (32, 9000), (64, 9000), (100, 40)])
+def test_small_batch_linear_equals_f_linear_for_every_shape_and_thread_count(
+    threads: int, rows: int, outputs: int
+) -> None:
+    torch.manual_seed(rows + outputs)
+    weight, bias, hidden = torch.randn(outputs, 24), torch.randn(outputs), torch.randn(rows, 24)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        result = small_batch_linear(hidden, weight, bias)
+    finally:
+        torch.set_num_threads(before)
+    expected = torch.nn.functional.linear(hidden, weight, bias)
+    assert result.shape == (rows, outputs) and result.is_contiguous()
+    torch.testing.assert_close(result, expected)
+    view = small_batch_linear(hidden, weight, bias, contiguous=False)  # may be a transposed view
+    torch.testing.assert_close(view, expected)
 
 
 def test_row_split_linears_switch_only_plain_float32_cpu_layers() -> None:
