@@ -68,6 +68,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--block-size", type=int, default=16, metavar="N")
     engine.add_argument("--no-prefix-caching", action="store_true")
     engine.add_argument("--max-n", type=int, default=8, metavar="N", help="most choices per request")
+    engine.add_argument("--speculative-tokens", type=int, default=3, metavar="N",
+                        help="draft tokens per step looked up in the sequence itself, for greedy requests (0: off)")
+    engine.add_argument("--speculative-max-seqs", type=int, default=1, metavar="N",
+                        help="speculate only while at most N sequences run")
     engine.add_argument("--torch-threads", type=int, metavar="N",
                         help="CPU threads for the model's math (default: torch's choice, one per core); fewer "
                              "than the cores leaves room for gRPC, the translator and other processes")

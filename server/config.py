@@ -144,6 +144,8 @@ class ServerConfig:
             max_waiting_requests=_positive(args.max_waiting, "--max-waiting"),
             enable_prefix_caching=not args.no_prefix_caching,
             max_n=_positive(args.max_n, "--max-n"),
+            speculative_tokens=_not_negative(args.speculative_tokens, "--speculative-tokens"),
+            speculative_max_seqs=_positive(args.speculative_max_seqs, "--speculative-max-seqs"),
         )
         return ServerConfig(
             models=models,
@@ -195,6 +197,12 @@ def check_single_process_launch(environment: Mapping[str, str]) -> None:
 def _positive(value: int, flag: str) -> int:
     if value < 1:
         raise ConfigError(f"{flag} {value}: must be 1 or more")
+    return value
+
+
+def _not_negative(value: int, flag: str) -> int:
+    if value < 0:
+        raise ConfigError(f"{flag} {value}: must be 0 or more")
     return value
 
 

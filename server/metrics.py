@@ -67,6 +67,14 @@ class EngineStatsCollector(Collector):
             "preemptions": GaugeMetricFamily(
                 "protoserve_engine_preemptions", "Sequences preempted since start", labels=["model"]
             ),
+            "drafts": GaugeMetricFamily(
+                "protoserve_speculative_draft_tokens", "Speculative draft tokens run since start", labels=["model"]
+            ),
+            "accepted": GaugeMetricFamily(
+                "protoserve_speculative_accepted_tokens",
+                "Speculative draft tokens the model agreed with since start",
+                labels=["model"],
+            ),
             "alive": GaugeMetricFamily("protoserve_engine_alive", "1 while the engine loop runs", labels=["model"]),
         }
         try:
@@ -83,6 +91,8 @@ class EngineStatsCollector(Collector):
             families["blocks_total"].add_metric([model], stats.kv_blocks_total)
             families["hit_rate"].add_metric([model], hit_rate)
             families["preemptions"].add_metric([model], stats.preemptions)
+            families["drafts"].add_metric([model], stats.draft_tokens)
+            families["accepted"].add_metric([model], stats.accepted_draft_tokens)
             families["alive"].add_metric([model], 1.0 if stats.alive else 0.0)
         yield from families.values()
 

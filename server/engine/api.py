@@ -170,6 +170,8 @@ class EngineStats:
     # Accepted by `generate()` but not yet handed to the scheduler (the async bridge's admission
     # list); counted in neither running nor waiting. 0 for the synchronous engine.
     pending_requests: int = 0
+    draft_tokens: int = 0  # speculative draft tokens run since start
+    accepted_draft_tokens: int = 0  # of those, tokens the model agreed with
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,12 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
     max_n: int = 8  # most choices per request
+    # Speculative decoding with drafts looked up in the sequence itself (ngram_drafts.py): up to this
+    # many draft tokens per step (0: off), only while at most `speculative_max_seqs` sequences run
+    # (past that a step is no longer memory-bound and drafts cost more than they save), and only for
+    # greedy choices without logprobs or constraints, whose output it leaves unchanged.
+    speculative_tokens: int = 3
+    speculative_max_seqs: int = 1
 
 
 class GenerationEngine(Protocol):

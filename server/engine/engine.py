@@ -26,6 +26,7 @@ from protoserve.server.engine.api import (
 from protoserve.server.engine.errors import InvalidRequestError, PromptTooLongError
 from protoserve.server.engine.model_runner import ModelRunner
 from protoserve.server.engine.multimodal import compute_prompt_embeddings, image_token_id_of, supports_images
+from protoserve.server.engine.ngram_drafts import propose_draft
 from protoserve.server.engine.output_processor import ChoiceOutputProcessor
 from protoserve.server.engine.sampler import Sampler, SamplingRow, validate_sampling_params_for_vocab
 from protoserve.server.engine.scheduler import Scheduler, SchedulerOutput
@@ -71,6 +72,7 @@ class LLMEngine:
         self.image_token_id = image_token_id_of(loaded.model) if supports_images(loaded.model) else None
         self.runner = ModelRunner(loaded.model, config, self.image_token_id)
         self.scheduler = Scheduler(config, self.runner.num_blocks)
+        self.scheduler.draft_provider = self._propose_draft
         self.vocab_size = loaded.model.get_input_embeddings().weight.shape[0]
         self.requests: dict[str, RequestState] = {}
         self.steps = 0
@@ -170,7 +172,7 @@ class LLMEngine:
         self.last_step_request_ids = tuple(dict.fromkeys(item.sequence.request.request_id for item in output.scheduled))
         if self.step_fault_hook is not None:
             self.step_fault_hook()
-        sampled: dict[Sequence, int] = {}
+        sampled: dict[Sequence, list[int]] = {}
         logprobs: dict[Sequence, TokenLogprob | None] = {}
         if not output.is_empty:
             logits = self.runner.execute(output)
@@ -180,9 +182,12 @@ class LLMEngine:
                     index = torch.tensor(logit_rows, dtype=torch.long, device=logits.device)
                     logits = logits.index_select(0, index)
                 result = self.sampler.sample(logits, rows)
+                chosen: dict[Sequence, list[int]] = {}
                 for sequence, token_id, logprob in zip(row_sequences, result.token_ids, result.logprobs, strict=True):
-                    sampled[sequence] = int(token_id)
+                    chosen.setdefault(sequence, []).append(int(token_id))
                     logprobs[sequence] = logprob
+                drafts = {item.sequence: item.draft_token_ids for item in output.scheduled if item.draft_token_ids}
+                sampled = {sequence: _accepted(drafts.get(sequence, ()), tokens) for sequence, tokens in chosen.items()}
         appended = self.scheduler.update_from_output(output, sampled)
         self.steps += 1
         return self._postprocess(output, appended, logprobs)
@@ -198,6 +203,14 @@ class LLMEngine:
             if not item.needs_sample:
                 continue
             sequence = item.sequence
+            if item.draft_token_ids:
+                # Row j decides the token after draft j-1, as if drafts 0..j-1 were already accepted.
+                for accepted in range(len(item.draft_token_ids) + 1):
+                    rows.append(self._sampling_row(sequence, item.draft_token_ids[:accepted]))
+                    row_sequences.append(sequence)
+                    logit_rows.append(logit_row)
+                    logit_row += 1
+                continue
             choices = [sequence]
             if sequence.choice_index == 0 and sequence.num_output_tokens == 0:
                 choices += [s for s in sequence.request.sequences[1:] if s.status == SequenceStatus.AWAITING_FORK]
@@ -208,24 +221,48 @@ class LLMEngine:
             logit_row += 1
         return rows, row_sequences, logit_rows
 
-    def _sampling_row(self, sequence: Sequence) -> Any:
+    def _sampling_row(self, sequence: Sequence, drafts: tuple[int, ...] = ()) -> Any:
         return self.sampling_row_type(
             params=sequence.request.request.params,
             generator=sequence.generator,
             prompt_token_ids=sequence.token_ids[: sequence.num_prompt_tokens],
-            output_token_ids=sequence.output_token_ids,
+            output_token_ids=sequence.output_token_ids + list(drafts) if drafts else sequence.output_token_ids,
             constraint=sequence.constraint,
             eos_token_ids=self.loaded.eos_token_ids,
         )
 
+    def _propose_draft(self, sequence: Sequence, room: int) -> list[int]:
+        """Speculative draft tokens for greedy single-choice text requests without logprobs or
+        constraints (their output stays what plain decoding gives); [] for every other request."""
+        request = sequence.request.request
+        params = request.params
+        if (
+            not params.greedy
+            or params.logprobs
+            or params.constraint_factory is not None
+            or params.n != 1
+            or request.multimodal is not None
+        ):
+            return []
+        return propose_draft(sequence.token_ids, room)
+
     def _postprocess(
-        self, output: SchedulerOutput, appended: list[Sequence], logprobs: dict[Sequence, TokenLogprob | None]
+        self,
+        output: SchedulerOutput,
+        appended: list[tuple[Sequence, int]],
+        logprobs: dict[Sequence, TokenLogprob | None],
     ) -> list[RequestOutput]:
         final_deltas: dict[Sequence, CompletionDelta] = {}
         touched: dict[str, RequestState] = {}
-        for sequence in appended:
+        for sequence, count in appended:
             processor = sequence.output_processor
-            processor.append(sequence.token_ids[-1], logprobs.get(sequence))
+            first = sequence.num_tokens - count
+            for index in range(first, sequence.num_tokens):
+                processor.append(sequence.token_ids[index], logprobs.get(sequence) if count == 1 else None)
+                if processor.finish_reason is not None:
+                    del sequence.token_ids[index + 1 :]  # accepted drafts past a stop are not output
+                    sequence.num_computed_tokens = min(sequence.num_computed_tokens, sequence.num_tokens)
+                    break
             touched[sequence.request.request_id] = sequence.request
             reason = processor.finish_reason
             if reason is not None:
@@ -270,5 +307,16 @@ class LLMEngine:
             prefix_cache_hits=block_manager.prefix_cache_hits,
             preemptions=self.scheduler.num_preemptions,
             steps=self.steps,
+            draft_tokens=self.scheduler.num_draft_tokens,
+            accepted_draft_tokens=self.scheduler.num_accepted_draft_tokens,
             alive=alive,
         )
+
+
+def _accepted(drafts: tuple[int, ...], chosen: list[int]) -> list[int]:
+    """The tokens a step yields for one sequence: the leading drafts the sampler chose too, then
+    the sampler's own token after them (`chosen` has one token per draft plus one)."""
+    accepted = 0
+    while accepted < len(drafts) and chosen[accepted] == drafts[accepted]:
+        accepted += 1
+    return [*drafts[:accepted], chosen[accepted]]

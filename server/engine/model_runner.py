@@ -149,8 +149,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> torch.Tensor:
-        """Run the step's forward. Returns float32 logits [sequences needing a sample, vocab],
-        in the order of `output.scheduled`."""
+        """Run the step's forward. Returns float32 logits [rows, vocab] in the order of
+        `output.scheduled`: one row per sequence needing a sample, `1 + len(drafts)` rows for a
+        sequence with drafts (after its real last token, then after each draft)."""
         token_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -161,11 +162,14 @@ class ModelRunner:
         for item in output.scheduled:
             sequence, start, end = item.sequence, item.start, item.start + item.num_new_tokens
             packed_start = len(token_ids)
-            token_ids.extend(sequence.token_ids[start:end])
+            token_ids.extend(sequence.token_ids[start : start + item.num_real_tokens])
+            token_ids.extend(item.draft_token_ids)
             positions.extend(range(start, end))
             slot_mapping.extend(self._slots(sequence.block_table, start, end))
             (decodes if item.num_new_tokens == 1 else prefills).append((packed_start, item))
-            if item.needs_sample:
+            if item.draft_token_ids:  # one row for the real last token and one after each draft
+                sample_indices.extend(range(len(token_ids) - item.num_new_tokens, len(token_ids)))
+            elif item.needs_sample:
                 sample_indices.append(len(token_ids) - 1)
             if sequence.request.request.multimodal is not None and start < sequence.num_prompt_tokens:
                 embedding_rows.append((packed_start, item))

@@ -8,6 +8,12 @@ block and none is free, the lowest-priority, latest-arrived running sequence is 
 loses its blocks (cached ones stay in the prefix cache) and goes back to the waiting queue to be
 recomputed.
 
+Speculative decoding: while at most `speculative_max_seqs` sequences run, a decoding sequence
+for which the `draft_provider` proposes tokens gets them scheduled after its real last token, in
+the same forward. `update_from_output()` then receives the tokens the sampler accepted (the drafts
+the model agreed with, plus its own next token), and only the KV of the real token and of the
+accepted drafts counts as computed; the slots of rejected drafts are rewritten later.
+
 `schedule()` returns a plain `SchedulerOutput`; `update_from_output()` consumes what the runner
 and sampler produced for it.
 """
@@ -15,7 +21,8 @@ and sampler produced for it.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field
 
 from protoserve.server.engine.api import EngineConfig
@@ -26,16 +33,22 @@ from protoserve.server.engine.sequence import RequestState, Sequence, SequenceSt
 
 @dataclass(frozen=True)
 class ScheduledSequence:
-    """`num_new_tokens` tokens of `sequence`, starting at position `start`, run this step."""
+    """`num_new_tokens` tokens of `sequence`, starting at position `start`, run this step. The last
+    `len(draft_token_ids)` of them are speculative drafts that follow the sequence's real tokens."""
 
     sequence: Sequence
     start: int
     num_new_tokens: int
+    draft_token_ids: tuple[int, ...] = ()
+
+    @property
+    def num_real_tokens(self) -> int:
+        return self.num_new_tokens - len(self.draft_token_ids)
 
     @property
     def needs_sample(self) -> bool:
         """True when this chunk reaches the sequence's last token, so its logits give the next one."""
-        return self.start + self.num_new_tokens == self.sequence.num_tokens
+        return self.start + self.num_real_tokens == self.sequence.num_tokens
 
 
 @dataclass
@@ -70,6 +83,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.pending_block_copies: list[tuple[int, int]] = []
         self.num_preemptions = 0
+        # Set by the engine: the draft tokens to try after a decoding sequence's last token ([] for none).
+        self.draft_provider: Callable[[Sequence, int], list[int]] | None = None
+        self.num_draft_tokens = 0  # drafts scheduled so far
+        self.num_accepted_draft_tokens = 0  # drafts the model agreed with
 
     # ----- queue management -----
 
@@ -147,10 +164,12 @@ class Scheduler:
             if sequence.status != SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             num_new = min(sequence.num_tokens - sequence.num_computed_tokens, budget)
+            drafts = self._drafts(sequence, num_new, budget)
+            num_new += len(drafts)
             if not self._make_room(sequence, num_new, scheduled_ids, output):
                 continue
             self.block_manager.append_slots(sequence, num_new)
-            output.scheduled.append(ScheduledSequence(sequence, sequence.num_computed_tokens, num_new))
+            output.scheduled.append(ScheduledSequence(sequence, sequence.num_computed_tokens, num_new, drafts))
             scheduled_ids.add(sequence.sequence_id)
             budget -= num_new
 
@@ -171,6 +190,23 @@ class Scheduler:
             scheduled_ids.add(sequence.sequence_id)
             budget -= num_new
         return output
+
+    def _drafts(self, sequence: Sequence, num_new: int, budget: int) -> tuple[int, ...]:
+        """Draft tokens for a decoding sequence, when speculation is on and few sequences run."""
+        config = self.config
+        if (
+            self.draft_provider is None
+            or config.speculative_tokens < 1
+            or num_new != 1
+            or len(self.running) > config.speculative_max_seqs
+        ):
+            return ()
+        room = min(config.speculative_tokens, budget - 1, sequence.request.max_total_tokens - sequence.num_tokens - 1)
+        if room < 1 or not self.block_manager.can_append(sequence, 1 + room):
+            return ()  # drafts never cost another sequence its blocks
+        drafts = tuple(self.draft_provider(sequence, room)[:room])
+        self.num_draft_tokens += len(drafts)
+        return drafts
 
     def _make_room(self, sequence: Sequence, num_new: int, scheduled_ids: set[int], output: SchedulerOutput) -> bool:
         """Preempt running sequences until `sequence` can grow by `num_new` tokens.
@@ -200,25 +236,44 @@ class Scheduler:
         self.num_preemptions += 1
         self._enqueue(sequence)
 
-    def update_from_output(self, output: SchedulerOutput, sampled: Mapping[Sequence, int]) -> list[Sequence]:
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: Mapping[Sequence, SequenceOf[int]]
+    ) -> list[tuple[Sequence, int]]:
         """Advance computed tokens, register full blocks in the prefix cache, fork choices waiting
-        on a finished prompt, and append sampled tokens. Returns the sequences that got a token
-        (forked siblings included)."""
-        appended: list[Sequence] = []
+        on a finished prompt, and append sampled tokens (one per sequence, or for a sequence that
+        ran drafts: the accepted drafts and the model's next token). Returns the sequences that got
+        tokens, with how many (forked siblings included)."""
+        appended: list[tuple[Sequence, int]] = []
+        done: set[int] = set()
         for item in output.scheduled:
             sequence = item.sequence
             if sequence.status != SequenceStatus.RUNNING:
                 continue
-            sequence.num_computed_tokens = item.start + item.num_new_tokens
+            if item.draft_token_ids:
+                # Appended first: the accepted drafts' blocks are hashed from the sequence's tokens.
+                tokens = list(sampled.get(sequence, ()))
+                accepted = max(len(tokens) - 1, 0)
+                self.num_accepted_draft_tokens += accepted
+                sequence.num_computed_tokens = item.start + item.num_real_tokens + accepted
+                for token_id in tokens:
+                    sequence.append_token(token_id)
+                if tokens:
+                    appended.append((sequence, len(tokens)))
+                done.add(sequence.sequence_id)
+            else:
+                sequence.num_computed_tokens = item.start + item.num_new_tokens
             self.block_manager.cache_full_blocks(sequence)
             if not sequence.is_prefilling:
                 sequence.prompt_embeddings = None
             if item.needs_sample and sequence.choice_index == 0:
                 self._fork_siblings(sequence)
-        for sequence, token_id in sampled.items():
+        for sequence, token_ids in sampled.items():
+            if sequence.sequence_id in done or not token_ids:
+                continue
             if sequence.status == SequenceStatus.RUNNING or sequence.status == SequenceStatus.PREEMPTED:
-                sequence.append_token(token_id)
-                appended.append(sequence)
+                for token_id in token_ids:
+                    sequence.append_token(token_id)
+                appended.append((sequence, len(token_ids)))
         return appended
 
     def _fork_siblings(self, parent: Sequence) -> None:

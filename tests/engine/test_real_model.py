@@ -58,3 +58,32 @@ def test_greedy_answers_match_generate(smollm2: LoadedModel) -> None:
             )
         assert results[f"q{index}"].token_ids[0] == generated[0, len(prompt) :].tolist()
     assert "Paris" in results["q0"].text[0]
+
+
+def test_speculative_drafts_keep_greedy_output_and_save_steps(smollm2: LoadedModel) -> None:
+    """Asked to repeat a sentence, the model agrees with many drafts looked up in its prompt; the
+    answer is still token for token what `generate` gives."""
+    tokenizer = smollm2.tokenizer
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Repeat exactly: The harbor was quiet at dawn and the boats rocked gently."}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    prompt = tokenizer(text, add_special_tokens=False).input_ids
+    engine_model = dataclasses.replace(smollm2, model=copy.deepcopy(smollm2.model))
+    engine = LLMEngine(engine_model, EngineConfig(kv_cache_bytes=64 << 20, speculative_tokens=3))
+    engine.add_request(EngineRequest("r", tuple(prompt), SamplingParams(temperature=0.0, max_tokens=24)))
+    tokens = run_until_done(engine)["r"].token_ids[0]
+    input_ids = torch.tensor([prompt])
+    with torch.no_grad():
+        generated = smollm2.model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=sorted(smollm2.eos_token_ids),
+            pad_token_id=tokenizer.pad_token_id or 0,
+        )
+    assert tokens == generated[0, len(prompt) :].tolist()
+    assert engine.scheduler.num_accepted_draft_tokens >= 5
+    assert engine.steps < len(tokens)

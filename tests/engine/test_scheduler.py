@@ -22,7 +22,7 @@ def add(scheduler: Scheduler, name: str, prompt_length: int, priority: int = 0) 
 def run_step(scheduler: Scheduler) -> dict[str, int]:
     """Schedule, pretend the model ran, append token 7 to every sequence that samples."""
     output = scheduler.schedule()
-    sampled = {item.sequence: 7 for item in output.scheduled if item.needs_sample}
+    sampled = {item.sequence: [7] for item in output.scheduled if item.needs_sample}
     scheduler.update_from_output(output, sampled)
     return {item.sequence.request.request_id: item.num_new_tokens for item in output.scheduled}
 

@@ -117,6 +117,8 @@ class FakeEngine:
             preemptions=0,
             steps=3,
             alive=self.alive,
+            draft_tokens=12,
+            accepted_draft_tokens=5,
         )
 
     async def shutdown(self) -> None:

@@ -63,6 +63,10 @@ def test_flags_build_one_config(tmp_path: Path) -> None:
             "debug",
             "--max-audio-bytes",
             "1000",
+            "--speculative-tokens",
+            "0",
+            "--speculative-max-seqs",
+            "2",
         )
     )
     assert config.models == (ModelSpec(tmp_path.name, str(tmp_path)), ModelSpec("speech", "/models/whisper"))
@@ -73,6 +77,7 @@ def test_flags_build_one_config(tmp_path: Path) -> None:
     assert (engine.max_waiting_requests, engine.max_num_seqs, engine.block_size) == (3, 4, 32)
     assert not engine.enable_prefix_caching and engine.max_n == 2 and engine.kv_cache_bytes == 1048576
     assert config.limits.max_n == 2 and config.limits.max_audio_bytes == 1000
+    assert (engine.speculative_tokens, engine.speculative_max_seqs) == (0, 2)
     assert config.image_policy.allow_remote and config.image_policy.allowed_hosts == ("images.example.com",)
     assert (config.tool_parser, config.metrics_port, config.drain_grace_seconds, config.log_level) == (
         "hermes",
@@ -87,6 +92,7 @@ def test_defaults() -> None:
     assert config.addresses == ["127.0.0.1:50051"]
     assert config.metrics_port is None and config.tls is None and config.api_keys == ()
     assert config.drain_grace_seconds == 30.0 and config.engine.max_waiting_requests == 256
+    assert (config.engine.speculative_tokens, config.engine.speculative_max_seqs) == (3, 1)
 
 
 @pytest.mark.parametrize(
@@ -105,6 +111,8 @@ def test_defaults() -> None:
         (("--model", "m", "--image-url-allow-host", "x.com"), "needs --allow-remote-images"),
         (("--model", "m", "--api-key-file", "/nonexistent/keys"), "cannot read the API key file"),
         (("--model", "m", "--idle-unload-seconds", "0"), "--idle-unload-seconds"),
+        (("--model", "m", "--speculative-tokens", "-1"), "--speculative-tokens -1: must be 0 or more"),
+        (("--model", "m", "--speculative-max-seqs", "0"), "--speculative-max-seqs 0"),
     ],
 )
 def test_bad_flags_are_config_errors(flags: tuple[str, ...], message: str) -> None:

@@ -56,12 +56,16 @@ async def test_metrics_endpoint_serves_every_family() -> None:
         "protoserve_time_to_first_token_seconds_bucket",
         "protoserve_inter_token_latency_seconds",
         "protoserve_engine_alive",
+        "protoserve_speculative_draft_tokens",
+        "protoserve_speculative_accepted_tokens",
     ):
         assert name in text, name
     assert 'protoserve_requests_total{code="OK",model="",rpc="ListModels"} 1.0' in text
     assert 'protoserve_requests_total{code="NOT_FOUND",model="unknown",rpc="GetModel"} 1.0' in text
     assert 'protoserve_kv_cache_blocks_total{model="tiny"} 100.0' in text
     assert 'protoserve_prefix_cache_hit_rate{model="tiny"} 0.4' in text
+    assert 'protoserve_speculative_draft_tokens{model="tiny"} 12.0' in text
+    assert 'protoserve_speculative_accepted_tokens{model="tiny"} 5.0' in text
     assert 'protoserve_completion_tokens_total{model="tiny"} 3.0' in text
 
 
