@@ -109,12 +109,17 @@ def run_serve(args: argparse.Namespace) -> int:
     from protoserve.server.engine import compute_threads
 
     compute_threads.reserve(config.torch_threads)
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, freeze_long_lived_objects=True))
 
 
-async def serve(config: ServerConfig, registry: ModelRegistry | None = None) -> int:
+async def serve(
+    config: ServerConfig, registry: ModelRegistry | None = None, freeze_long_lived_objects: bool = False
+) -> int:
     """Start the server, print the serving line, drain on the first signal, abort on the second.
-    Must run in the main thread (signal handlers); `registry` defaults to one built from `config`."""
+    Must run in the main thread (signal handlers); `registry` defaults to one built from `config`.
+    `freeze_long_lived_objects` (the `protoserve serve` process) keeps the cycle collector off the
+    loaded models once they are warm (gc_freeze)."""
+    from protoserve.server import gc_freeze
     from protoserve.server.app import start_server
     from protoserve.server.lifecycle import install_signal_handlers
 
@@ -139,6 +144,8 @@ async def serve(config: ServerConfig, registry: ModelRegistry | None = None) -> 
             logger.debug("startup failed", exc_info=exc)
             print(f"protoserve serve: error: {exc} (--log-level DEBUG shows the traceback)", file=sys.stderr)
             return 1
+        if freeze_long_lived_objects:
+            gc_freeze.freeze_long_lived()
         print(f"protoserve serving on {', '.join(running.addresses)}", flush=True)
         await drain_requested.wait()
         draining = asyncio.ensure_future(running.drain(config.drain_grace_seconds))
@@ -153,3 +160,5 @@ async def serve(config: ServerConfig, registry: ModelRegistry | None = None) -> 
         return 1
     finally:
         remove_handlers()
+        if freeze_long_lived_objects:
+            gc_freeze.stop_freezing()

@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from protoserve.server import gc_freeze
 from protoserve.server.engine.api import EngineStats, GenerationEngine
 from protoserve.server.engine.errors import InvalidRequestError
 from protoserve.server.errors import ModelNotFoundError, NoDefaultModelError, ServerPermissionError
@@ -257,6 +258,7 @@ class ModelRegistry:
         logger.info("loading model %s on demand from %s", spec.model_id, spec.path)
         served = await self._loader.load(spec)
         self._add(served, startup=False)
+        gc_freeze.refreeze()
         self._ensure_idle_unloader()
         return served
 
@@ -333,6 +335,7 @@ class ModelRegistry:
 
 
 async def _release(served: ServedModel) -> None:
+    gc_freeze.thaw_for_release()  # the model's reference cycles must be collectable once it is dropped
     try:
         if isinstance(served, ServedGenerationModel):
             await served.engine.shutdown()
