@@ -11,6 +11,7 @@ from protoserve.server.engine.api import EngineConfig
 from protoserve.server.engine.engine import LLMEngine
 from protoserve.server.engine.fast_decoder import FastDecoderForward, fast_decoder_for, why_not_covered
 from protoserve.server.engine.loader import loaded_from_model
+from protoserve.server.engine.packed_linear import PackedPlan
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -87,12 +88,16 @@ def test_a_replaced_linear_is_not_covered() -> None:
     assert "Replaced" in (why_not_covered(model) or "")
 
 
+@pytest.mark.parametrize("plan", [PackedPlan.dense_only(), PackedPlan.packed_only()], ids=["dense", "packed"])
 @pytest.mark.parametrize(("label", "model"), covered_models(), ids=[label for label, _ in covered_models()])
-def test_logits_equal_transformers_forward_step_by_step(label: str, model: torch.nn.Module) -> None:
+def test_logits_equal_transformers_forward_step_by_step(label: str, model: torch.nn.Module, plan: PackedPlan) -> None:
     """Two engines over the same weights, one with the lean forward switched off, run the same
-    mixed prefill/decode steps; every step's logits agree to float rounding."""
+    mixed prefill/decode steps; every step's logits agree to float rounding, with the products
+    in the dense and in the oneDNN-packed form."""
     config = EngineConfig(kv_cache_bytes=1 << 20, block_size=4, max_num_batched_tokens=20)
     lean = LLMEngine(loaded_from_model(copy.deepcopy(model), word_tokenizer()), config)
+    assert lean.runner.fast_forward is not None
+    lean.runner.fast_forward.set_plan(plan)
     stock = LLMEngine(loaded_from_model(copy.deepcopy(model), word_tokenizer()), config)
     stock.runner.fast_forward = None
     captured: dict[str, list[torch.Tensor]] = {"lean": [], "stock": []}
@@ -120,10 +125,10 @@ def test_fused_weights_are_views_and_add_no_memory() -> None:
     forward = FastDecoderForward(model)
     layer = forward.layers[0]
     attention = model.model.layers[0].self_attn
-    assert attention.q_proj.weight.data_ptr() == layer.qkv_weight.data_ptr()
-    assert attention.k_proj.weight.untyped_storage().data_ptr() == layer.qkv_weight.untyped_storage().data_ptr()
+    assert attention.q_proj.weight.data_ptr() == layer.qkv.weight.data_ptr()
+    assert attention.k_proj.weight.untyped_storage().data_ptr() == layer.qkv.weight.untyped_storage().data_ptr()
     assert model.model.layers[0].mlp.up_proj.weight.untyped_storage().data_ptr() == (
-        layer.gate_up_weight.untyped_storage().data_ptr()
+        layer.gate_up.weight.untyped_storage().data_ptr()
     )
     assert sum(p.numel() for p in model.parameters()) == before
     for (name, fused), (_, original) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
