@@ -26,7 +26,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +145,14 @@ def chat_body(model: str, prompt: str, output_len: int, server: str) -> dict[str
     return body
 
 
-async def drive_openai(server: ServerProcess, model: str, args: argparse.Namespace, prompt: str) -> list[dict]:
-    results = []
+Driver = Callable[[], Awaitable[Any]]
+
+
+@asynccontextmanager
+async def openai_driver(
+    server: ServerProcess, model: str, args: argparse.Namespace, prompt: str
+) -> AsyncIterator[Driver]:
+    """One streamed chat completion through an OpenAI-compatible API per call, warmed up."""
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -155,13 +162,11 @@ async def drive_openai(server: ServerProcess, model: str, args: argparse.Namespa
             return await openai_chat_stream(session, server.base_url, body)
 
         await run_closed_loop(one, concurrency=2, num_requests=2)  # warm-up
-        for concurrency in args.concurrency:
-            results.append(await measure_level(server.name, server.memory, one, concurrency, args))
-    return results
+        yield one
 
 
 async def measure_level(
-    name: str, memory: PeakMemory, one: Callable[[], Awaitable[Any]], concurrency: int, args: argparse.Namespace
+    name: str, memory: PeakMemory, one: Driver, concurrency: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One load level: its figures, the peak RSS of the server tree and the load average."""
     memory.reset()
@@ -172,11 +177,12 @@ async def measure_level(
     return {**result.as_dict(), "peak_rss_mib": memory.peak_mib, "load_average": load_average}
 
 
-async def drive_grpc(target: str, memory: PeakMemory, model: str, args: argparse.Namespace, prompt: str) -> list[dict]:
+@asynccontextmanager
+async def grpc_driver(target: str, model: str, args: argparse.Namespace, prompt: str) -> AsyncIterator[Driver]:
+    """One streamed Chat call through protoserve's gRPC API per call, warmed up."""
     from protoserve.client.channel import create_async_channel
     from protoserve.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
-    results = []
     async with create_async_channel(target) as channel:
         stub = generation_pb2_grpc.GenerationServiceStub(channel)
         request = generation_pb2.ChatRequest(
@@ -189,8 +195,16 @@ async def drive_grpc(target: str, memory: PeakMemory, model: str, args: argparse
             return await grpc_chat_stream(stub, request)
 
         await run_closed_loop(one, concurrency=2, num_requests=2)
-        for concurrency in args.concurrency:
-            results.append(await measure_level("protoserve/grpc", memory, one, concurrency, args))
+        yield one
+
+
+async def measure_levels(drivers: dict[str, Driver], memory: PeakMemory, args: argparse.Namespace) -> dict[str, list]:
+    """Every level for every driver, the drivers taking turns at each level (so that a slow spell
+    of a shared machine does not fall on one API's levels only)."""
+    results: dict[str, list] = {name: [] for name in drivers}
+    for concurrency in args.concurrency:
+        for name, one in drivers.items():
+            results[name].append(await measure_level(name, memory, one, concurrency, args))
     return results
 
 
@@ -240,7 +254,8 @@ async def main_async(args: argparse.Namespace) -> int:
         )
         try:
             await server.wait_ready(args.start_timeout)
-            report["transformers/rest"] = await drive_openai(server, model_path, args, prompt)
+            async with openai_driver(server, model_path, args, prompt) as one:
+                report.update(await measure_levels({server.name: one}, server.memory, args))
         finally:
             server.stop()
     if "protoserve" in args.servers:
@@ -268,10 +283,11 @@ async def main_async(args: argparse.Namespace) -> int:
         try:
             await server.wait_ready(args.start_timeout)
             model_id = Path(model_path).name
-            report["protoserve/rest"] = await drive_openai(server, model_id, args, prompt)
-            report["protoserve/grpc"] = await drive_grpc(
-                f"127.0.0.1:{grpc_port}", server.memory, model_id, args, prompt
-            )
+            async with (
+                openai_driver(server, model_id, args, prompt) as rest,
+                grpc_driver(f"127.0.0.1:{grpc_port}", model_id, args, prompt) as grpc,
+            ):
+                report.update(await measure_levels({server.name: rest, "protoserve/grpc": grpc}, server.memory, args))
         finally:
             server.stop()
     print_table(report, args.concurrency)

@@ -97,8 +97,14 @@ def describe_machine() -> str:
     """CPU model, cores, memory, torch and transformers versions: what the figures depend on."""
     cpu = platform.processor() or platform.machine()
     try:
-        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
         cpu = match.group(1).strip() if match else cpu
+        flag_line = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+        flags = set(flag_line.group(1).split()) if flag_line else set()
+        # The widest vector unit decides which kernels win (packed_linear), so it is named.
+        simd = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+        cpu = f"{cpu} ({simd})" if simd else cpu
     except OSError:
         pass
     memory = ""
@@ -136,7 +142,8 @@ def readme_section(result: dict[str, Any], engine_result: dict[str, Any] | None 
         f"{settings['rounds']} x concurrency requests per level (at least {settings['min_requests']}). "
         f"protoserve ran with {settings['protoserve_flags'] or 'default flags'}; transformers serve "
         f"{settings['transformers_version']} with `--continuous-batching`. Client, translator and servers share the "
-        "same cores; `load` is the 1-minute load average during the level (other work on the machine shows there).",
+        "same cores; protoserve's REST and gRPC runs take turns at each level; `load` is the 1-minute load "
+        "average during the level (other work on the machine shows there).",
         "",
         "![throughput and TTFT against concurrency](docs/bench-cpu.png)",
         "",
