@@ -33,15 +33,21 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
 
 
+# The dimensions of the tiny test decoders (any architecture's config takes them).
+TINY_DECODER_DIMENSIONS: dict[str, int] = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+
+
 def tiny_llama_config(**overrides: object) -> LlamaConfig:
     settings: dict[str, object] = {
-        "vocab_size": VOCAB_SIZE,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
+        **TINY_DECODER_DIMENSIONS,
         "eos_token_id": EOS_TOKEN_ID,
         "pad_token_id": 0,
         "bos_token_id": 1,

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from .engine_fixtures import (
-    VOCAB_SIZE,
+    TINY_DECODER_DIMENSIONS,
     build_model,
     greedy,
     random_prompts,
@@ -33,15 +33,7 @@ from .engine_fixtures import (
     word_tokenizer,
 )
 
-SMALL = {
-    "vocab_size": VOCAB_SIZE,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
+SMALL = TINY_DECODER_DIMENSIONS
 
 
 def covered_models() -> list[tuple[str, torch.nn.Module]]:

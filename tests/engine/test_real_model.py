@@ -25,6 +25,21 @@ def smollm2(request: pytest.FixtureRequest) -> LoadedModel:
     return load_model(LoadOptions(str(path)))
 
 
+def generate_greedy(loaded: LoadedModel, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """The new tokens plain `model.generate` picks greedily for one prompt."""
+    input_ids = torch.tensor([prompt])
+    with torch.no_grad():
+        generated = loaded.model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(loaded.eos_token_ids),
+            pad_token_id=loaded.tokenizer.pad_token_id or 0,
+        )
+    return generated[0, len(prompt) :].tolist()
+
+
 def test_loader_describes_the_model(smollm2: LoadedModel) -> None:
     assert smollm2.architecture == "LlamaForCausalLM"
     assert (smollm2.dtype, smollm2.device, smollm2.quantization) == ("float32", "cpu", "none")
@@ -46,17 +61,7 @@ def test_greedy_answers_match_generate(smollm2: LoadedModel) -> None:
         engine.add_request(EngineRequest(f"q{index}", tuple(prompt), SamplingParams(temperature=0.0, max_tokens=8)))
     results = run_until_done(engine)
     for index, prompt in enumerate(prompts):
-        input_ids = torch.tensor([prompt])
-        with torch.no_grad():
-            generated = smollm2.model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=8,
-                do_sample=False,
-                eos_token_id=sorted(smollm2.eos_token_ids),
-                pad_token_id=tokenizer.pad_token_id or 0,
-            )
-        assert results[f"q{index}"].token_ids[0] == generated[0, len(prompt) :].tolist()
+        assert results[f"q{index}"].token_ids[0] == generate_greedy(smollm2, prompt, 8)
     assert "Paris" in results["q0"].text[0]
 
 
@@ -74,16 +79,6 @@ def test_speculative_drafts_keep_greedy_output_and_save_steps(smollm2: LoadedMod
     engine = LLMEngine(engine_model, EngineConfig(kv_cache_bytes=64 << 20, speculative_tokens=3))
     engine.add_request(EngineRequest("r", tuple(prompt), SamplingParams(temperature=0.0, max_tokens=24)))
     tokens = run_until_done(engine)["r"].token_ids[0]
-    input_ids = torch.tensor([prompt])
-    with torch.no_grad():
-        generated = smollm2.model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=24,
-            do_sample=False,
-            eos_token_id=sorted(smollm2.eos_token_ids),
-            pad_token_id=tokenizer.pad_token_id or 0,
-        )
-    assert tokens == generated[0, len(prompt) :].tolist()
+    assert tokens == generate_greedy(smollm2, prompt, 24)
     assert engine.scheduler.num_accepted_draft_tokens >= 5
     assert engine.steps < len(tokens)
