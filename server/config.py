@@ -146,6 +146,7 @@ class ServerConfig:
             max_n=_positive(args.max_n, "--max-n"),
             speculative_tokens=_not_negative(args.speculative_tokens, "--speculative-tokens"),
             speculative_max_seqs=_positive(args.speculative_max_seqs, "--speculative-max-seqs"),
+            packed_weights=not args.no_packed_weights,
         )
         return ServerConfig(
             models=models,

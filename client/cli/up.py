@@ -52,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="passed to serve: CPU threads for the model's math (default: torch's choice, one per core)",
     )
+    parser.add_argument(
+        "--no-packed-weights",
+        action="store_true",
+        help="passed to serve: CPU: dense weights only, no oneDNN-packed copies (half the weight memory)",
+    )
     parser.add_argument("--api-key", metavar="KEY", help="required by both servers; the translator sends it upstream")
     parser.add_argument(
         "--startup-timeout",
@@ -154,6 +159,8 @@ def plan_children(
             server += [flag, value]
     if args.torch_threads:
         server += ["--torch-threads", str(args.torch_threads)]
+    if args.no_packed_weights:
+        server += ["--no-packed-weights"]
     translator = [*protoserve_command, "translate", "--host", args.host, "--port", str(args.http_port)]
     translator += ["--upstream", f"{grpc_host}:{args.grpc_port}"]
     if args.api_key:

@@ -193,6 +193,9 @@ class EngineConfig:
     # greedy choices without logprobs or constraints, whose output it leaves unchanged.
     speculative_tokens: int = 3
     speculative_max_seqs: int = 1
+    # CPU, float32, lean forward: oneDNN-packed copies of the weights at the row counts where they
+    # measure faster (packed_linear.py); False keeps the dense weights only (no extra memory).
+    packed_weights: bool = True
 
 
 class GenerationEngine(Protocol):

@@ -22,6 +22,7 @@ from protoserve.server.engine.cpu_linear import use_row_split_linears
 from protoserve.server.engine.errors import UnsupportedModelError
 from protoserve.server.engine.fast_decoder import FastDecoderForward, fast_decoder_for
 from protoserve.server.engine.multimodal import compute_prompt_embeddings
+from protoserve.server.engine.packed_linear import PackedPlan
 from protoserve.server.engine.scheduler import ScheduledSequence, SchedulerOutput
 from transformers import PreTrainedModel
 
@@ -125,6 +126,8 @@ class ModelRunner:
         self.input_embeddings = model.get_input_embeddings()
         # The lean forward for Llama-shaped decoders; None keeps transformers' forward.
         self.fast_forward: FastDecoderForward | None = fast_decoder_for(model)
+        if self.fast_forward is not None and not config.packed_weights:
+            self.fast_forward.set_plan(PackedPlan.dense_only())
 
     def _check_attention_dispatch(self, attention_name: str) -> None:
         """Every attention layer must now read the paged implementation from its config."""

@@ -108,3 +108,17 @@ def test_greedy_output_equals_generate_through_packed_products(plan: PackedPlan)
     results = run_until_done(under_test.engine)
     for request_id, prompt in zip(ids, prompts, strict=True):
         assert results[request_id].token_ids[0] == reference_greedy(under_test.reference, prompt, 10), request_id
+
+
+def test_packed_weights_off_keeps_the_dense_weights_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packed_linear, "_measured_plans", {})
+    under_test = make_engine(build_model(tiny_llama_config()), packed_weights=False)
+    forward = under_test.engine.runner.fast_forward
+    assert isinstance(forward, FastDecoderForward) and forward.plan == PackedPlan.dense_only()
+    prompts = random_prompts(3, 4, 12, seed=2)
+    ids = submit(under_test.engine, prompts, greedy(4))
+    results = run_until_done(under_test.engine)
+    assert packed_linear._measured_plans == {}, "nothing was timed"
+    assert all(product.packed is None for product in forward.products)
+    for request_id, prompt in zip(ids, prompts, strict=True):
+        assert results[request_id].token_ids[0] == reference_greedy(under_test.reference, prompt, 4), request_id
