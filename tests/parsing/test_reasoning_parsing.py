@@ -60,9 +60,11 @@ def test_custom_tags() -> None:
 class _Tokenizer:
     def __init__(self, vocabulary: dict[str, int]) -> None:
         self._vocabulary = vocabulary
+        self.vocabularies_built = 0
 
     def get_vocab(self) -> dict[str, int]:
-        return self._vocabulary
+        self.vocabularies_built += 1
+        return dict(self._vocabulary)
 
 
 def test_detect_reasoning() -> None:
@@ -70,3 +72,12 @@ def test_detect_reasoning() -> None:
     assert detect_reasoning(None, _Tokenizer({"<think>": 5, "</think>": 6})) == ReasoningFormat()
     assert detect_reasoning("{{ messages }}", _Tokenizer({"<think>": 5})) is None
     assert detect_reasoning(None, object()) is None
+
+
+def test_each_tokenizer_vocabulary_is_read_once() -> None:
+    """The check runs for every request; a vocabulary dict is built once per tokenizer."""
+    with_tags, without = _Tokenizer({"<think>": 5, "</think>": 6}), _Tokenizer({"a": 1})
+    for _ in range(3):
+        assert detect_reasoning(None, with_tags) == ReasoningFormat()
+        assert detect_reasoning("{{ messages }}", without) is None
+    assert (with_tags.vocabularies_built, without.vocabularies_built) == (1, 1)
