@@ -7,7 +7,9 @@ all layers' products at 16 rows 16 ms against 35 ms for MKL's best form (`cpu_li
 rows 40 against 85, the vocabulary-wide LM head at 16 rows 3.7 against 10.8 ms. On an AVX2 host
 of the same family the packed form gave nothing. So nothing is assumed: `measure_packed_plan`
 times both forms over the model's own weights at a few row counts, on the thread (and thread
-count) that runs the engine, and `LinearProduct` picks per step by the row count.
+count) that runs the engine, and `LinearProduct` picks per step by the row count. The timing
+takes ~3 s for SmolLM2-135M on 2 cores, once per process and set of weight shapes; the server's
+warm-up request (before the server reports SERVING) pays it.
 
 The packed copy is extra memory (the dense weights stay: transformers' own forward and
 `model.generate` use them), so weights are packed only when the plan uses the packed form at
