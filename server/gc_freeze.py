@@ -28,13 +28,14 @@ logger = logging.getLogger(__name__)
 REFREEZE_DELAY_S = 1.0
 
 _enabled = False  # this process keeps its long-lived objects frozen
-_refreeze_scheduled = False
+_pending_refreeze: asyncio.TimerHandle | None = None
 
 
 def freeze_long_lived() -> int:
     """Collect garbage, then freeze every object still alive; returns how many are frozen."""
-    global _enabled, _refreeze_scheduled
-    _enabled, _refreeze_scheduled = True, False
+    global _enabled
+    _enabled = True
+    _cancel_pending_refreeze()
     gc.collect()
     gc.freeze()
     frozen = gc.get_freeze_count()
@@ -45,23 +46,39 @@ def freeze_long_lived() -> int:
 def thaw_for_release() -> None:
     """Before a model is released (inside the event loop): unfreeze, and freeze again after
     REFREEZE_DELAY_S. Nothing happens in a process that never froze."""
-    global _refreeze_scheduled
+    global _pending_refreeze
     if not _enabled:
         return
     gc.unfreeze()
-    if not _refreeze_scheduled:
-        _refreeze_scheduled = True
-        asyncio.get_running_loop().call_later(REFREEZE_DELAY_S, freeze_long_lived)
+    if _pending_refreeze is None:
+        _pending_refreeze = asyncio.get_running_loop().call_later(REFREEZE_DELAY_S, _refreeze_if_enabled)
+
+
+def _refreeze_if_enabled() -> None:
+    global _pending_refreeze
+    _pending_refreeze = None
+    if _enabled:
+        freeze_long_lived()
+
+
+def _cancel_pending_refreeze() -> None:
+    global _pending_refreeze
+    if _pending_refreeze is not None:
+        _pending_refreeze.cancel()
+        _pending_refreeze = None
 
 
 def refreeze() -> None:
-    """After a model was loaded on demand: freeze it too (in a process that freezes)."""
-    if _enabled:
+    """After a model was loaded on demand: freeze it too (in a process that freezes). While a
+    release's refreeze is pending, that one freezes the new model too, once the released one is
+    gone (freezing now would freeze the released model's cycles with it)."""
+    if _enabled and _pending_refreeze is None:
         freeze_long_lived()
 
 
 def stop_freezing() -> None:
     """Unfreeze everything and stop freezing (tests, and a server that shuts down)."""
-    global _enabled, _refreeze_scheduled
-    _enabled, _refreeze_scheduled = False, False
+    global _enabled
+    _enabled = False
+    _cancel_pending_refreeze()
     gc.unfreeze()

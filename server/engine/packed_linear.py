@@ -18,6 +18,7 @@ some row count. Results equal the dense products up to float rounding (sums in a
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from functools import partial
 
 import torch
 from protoserve.server.engine.cpu_linear import small_batch_linear
+
+logger = logging.getLogger(__name__)
 
 # Row counts (tokens in a step) at which the two forms are timed; a step uses the choice of the
 # smallest bucket that holds its rows (the largest past the end).
@@ -117,10 +120,19 @@ class LinearProduct:
 def measure_packed_plan(products: Sequence[LinearProduct]) -> PackedPlan:
     """Time all `products` in sequence (a step's worth of weights) in the dense and the packed
     form at each of ROW_BUCKETS, with random inputs, on the calling thread; the packed form wins
-    a bucket when it is faster there. Dense-only when nothing can be packed."""
+    a bucket when it is faster there. Dense-only when nothing can be packed, or when oneDNN fails
+    on this machine (logged: the engine then runs as if packing did not exist)."""
     packable = [product for product in products if packing_supported(product.weight)]
     if not packable:
         return PackedPlan.dense_only()
+    try:
+        return _measure(packable)
+    except (RuntimeError, NotImplementedError) as error:
+        logger.warning("oneDNN-packed weights unavailable here, keeping dense products: %s", error)
+        return PackedPlan.dense_only()
+
+
+def _measure(packable: Sequence[LinearProduct]) -> PackedPlan:
     packed = [pack_weight(product.weight) for product in packable]
     widths = {product.weight.shape[1] for product in packable}
     choices = []

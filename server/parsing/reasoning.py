@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import enum
 import weakref
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,23 +31,23 @@ def detect_reasoning(chat_template: str | None, tokenizer: Any) -> ReasoningForm
     return fmt if _has_tokens(tokenizer, (fmt.start, fmt.end)) else None
 
 
-# Per tokenizer: whether its vocabulary holds both default tags. Runs once per request on the event
-# loop, and `get_vocab()` builds a fresh dict of the whole vocabulary (~20 ms for 49k tokens).
-_tags_in_vocabulary: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+# Per tokenizer and tag set: whether its vocabulary holds all the tags. The check runs for every
+# request on the event loop, and `get_vocab()` builds a fresh dict of the whole vocabulary (~20 ms
+# for 49k tokens), so each answer is kept for as long as the tokenizer lives.
+_tokens_in_vocabulary: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], bool]] = weakref.WeakKeyDictionary()
 
 
 def _has_tokens(tokenizer: Any, tokens: tuple[str, ...]) -> bool:
     if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
         return False
     try:
-        return _tags_in_vocabulary[tokenizer]
-    except (KeyError, TypeError):  # not seen yet, or not weakly referenceable
-        pass
-    vocabulary = tokenizer.get_vocab()
-    found = all(token in vocabulary for token in tokens)
-    with suppress(TypeError):
-        _tags_in_vocabulary[tokenizer] = found
-    return found
+        answers = _tokens_in_vocabulary.setdefault(tokenizer, {})
+    except TypeError:  # not weakly referenceable: no memory of earlier answers
+        answers = {}
+    if tokens not in answers:
+        vocabulary = tokenizer.get_vocab()
+        answers[tokens] = all(token in vocabulary for token in tokens)
+    return answers[tokens]
 
 
 class _Phase(enum.Enum):

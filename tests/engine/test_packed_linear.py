@@ -122,3 +122,12 @@ def test_packed_weights_off_keeps_the_dense_weights_only(monkeypatch: pytest.Mon
     assert all(product.packed is None for product in forward.products)
     for request_id, prompt in zip(ids, prompts, strict=True):
         assert results[request_id].token_ids[0] == reference_greedy(under_test.reference, prompt, 4), request_id
+
+
+def test_a_failing_onednn_leaves_the_products_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(weight: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no oneDNN kernel for this CPU")
+
+    monkeypatch.setattr(packed_linear, "packing_supported", lambda weight: True)
+    monkeypatch.setattr(packed_linear, "pack_weight", fail)
+    assert measure_packed_plan([LinearProduct(torch.randn(8, 4), None)]) == PackedPlan.dense_only()

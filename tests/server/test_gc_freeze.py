@@ -61,6 +61,26 @@ async def test_thaw_for_release_frees_cycles_then_freezes_again() -> None:
     assert gc.get_freeze_count() > 0
 
 
+async def test_a_load_during_a_release_waits_for_the_pending_refreeze() -> None:
+    cyclic = Cyclic()
+    alive = weakref.ref(cyclic)
+    gc_freeze.freeze_long_lived()
+    gc_freeze.thaw_for_release()
+    gc_freeze.refreeze()  # a model loaded while the released one is still referenced
+    assert gc.get_freeze_count() == 0
+    del cyclic
+    await asyncio.sleep(0.2)
+    assert alive() is None and gc.get_freeze_count() > 0
+
+
+async def test_stopping_cancels_a_pending_refreeze() -> None:
+    gc_freeze.freeze_long_lived()
+    gc_freeze.thaw_for_release()
+    gc_freeze.stop_freezing()
+    await asyncio.sleep(0.2)
+    assert gc.get_freeze_count() == 0
+
+
 async def test_a_process_that_never_froze_is_left_alone() -> None:
     gc_freeze.thaw_for_release()
     gc_freeze.refreeze()
