@@ -121,7 +121,9 @@ def measure_packed_plan(products: Sequence[LinearProduct]) -> PackedPlan:
     """Time all `products` in sequence (a step's worth of weights) in the dense and the packed
     form at each of ROW_BUCKETS, with random inputs, on the calling thread; the packed form wins
     a bucket when it is faster there. Dense-only when nothing can be packed, or when oneDNN fails
-    on this machine (logged: the engine then runs as if packing did not exist)."""
+    on this machine (logged: the engine then runs as if packing did not exist). The packed copies
+    made for the timing stay on the products, so that `apply_plan` keeps them instead of packing
+    again (or drops them for a dense-only plan)."""
     packable = [product for product in products if packing_supported(product.weight)]
     if not packable:
         return PackedPlan.dense_only()
@@ -129,11 +131,17 @@ def measure_packed_plan(products: Sequence[LinearProduct]) -> PackedPlan:
         return _measure(packable)
     except (RuntimeError, NotImplementedError) as error:
         logger.warning("oneDNN-packed weights unavailable here, keeping dense products: %s", error)
+        for product in packable:
+            product.packed = None
         return PackedPlan.dense_only()
 
 
 def _measure(packable: Sequence[LinearProduct]) -> PackedPlan:
-    packed = [pack_weight(product.weight) for product in packable]
+    packed = []
+    for product in packable:
+        if product.packed is None:
+            product.packed = pack_weight(product.weight)
+        packed.append(product.packed)
     widths = {product.weight.shape[1] for product in packable}
     choices = []
     with torch.inference_mode():

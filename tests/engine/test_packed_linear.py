@@ -130,4 +130,20 @@ def test_a_failing_onednn_leaves_the_products_dense(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(packed_linear, "packing_supported", lambda weight: True)
     monkeypatch.setattr(packed_linear, "pack_weight", fail)
-    assert measure_packed_plan([LinearProduct(torch.randn(8, 4), None)]) == PackedPlan.dense_only()
+    product = LinearProduct(torch.randn(8, 4), None)
+    assert measure_packed_plan([product]) == PackedPlan.dense_only() and product.packed is None
+
+
+@needs_packing
+def test_the_copies_packed_for_timing_are_kept_not_packed_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    packings: list[int] = []
+    real_pack = packed_linear.pack_weight
+    monkeypatch.setattr(packed_linear, "pack_weight", lambda weight: packings.append(1) or real_pack(weight))
+    products = [LinearProduct(torch.randn(24, 16), None), LinearProduct(torch.randn(16, 24), None)]
+    measure_packed_plan(products)
+    for product in products:
+        product.apply_plan(PackedPlan.packed_only())
+    assert len(packings) == 2 and all(product.packed is not None for product in products)
+    for product in products:
+        product.apply_plan(PackedPlan.dense_only())
+    assert all(product.packed is None for product in products)
