@@ -41,12 +41,15 @@ RUN groupadd --system --gid 10001 protoserve \
 COPY --from=build /opt/protoserve /opt/protoserve
 COPY --from=build --chmod=0755 /src/scripts/container-entrypoint.sh /usr/local/bin/protoserve-entrypoint
 # The root filesystem is read-only in the pod: every cache lives on the models volume. HF_HOME there
-# also lets hub ids resolve from a hub cache copied to /models/huggingface/hub.
+# also lets hub ids resolve from a hub cache copied to /models/huggingface/hub. The slim image has no
+# C++ compiler, so the CPU kernels (server/engine/cpu_kernels.py) are not built in it and the server
+# logs so and uses torch's ops; an image that adds g++ builds them on first start, into the volume.
 ENV PATH=/opt/protoserve/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     HF_HOME=/models/huggingface \
-    PROTOSERVE_CACHE_DIR=/models/cache
+    PROTOSERVE_CACHE_DIR=/models/cache \
+    PROTOSERVE_KERNEL_CACHE_DIR=/models/cache/kernels
 USER 10001:10001
 WORKDIR /home/protoserve
 EXPOSE 50051 8000 9090

@@ -147,6 +147,7 @@ class ServerConfig:
             speculative_tokens=_not_negative(args.speculative_tokens, "--speculative-tokens"),
             speculative_max_seqs=_positive(args.speculative_max_seqs, "--speculative-max-seqs"),
             packed_weights=not args.no_packed_weights,
+            cpu_kernels=not args.no_cpu_kernels,
         )
         return ServerConfig(
             models=models,

@@ -57,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="passed to serve: CPU: dense weights only, no oneDNN-packed copies (half the weight memory)",
     )
+    parser.add_argument(
+        "--no-cpu-kernels",
+        action="store_true",
+        help="passed to serve: CPU: torch's ops only, no C++ kernels built on this machine",
+    )
     parser.add_argument("--api-key", metavar="KEY", help="required by both servers; the translator sends it upstream")
     parser.add_argument(
         "--startup-timeout",
@@ -161,6 +166,8 @@ def plan_children(
         server += ["--torch-threads", str(args.torch_threads)]
     if args.no_packed_weights:
         server += ["--no-packed-weights"]
+    if args.no_cpu_kernels:
+        server += ["--no-cpu-kernels"]
     translator = [*protoserve_command, "translate", "--host", args.host, "--port", str(args.http_port)]
     translator += ["--upstream", f"{grpc_host}:{args.grpc_port}"]
     if args.api_key:

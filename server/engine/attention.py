@@ -15,11 +15,13 @@ falls back to an explicit softmax.
 Per-step cost matters on CPUs (this runs 2 x layers times a step): cache writes use `index_copy_`,
 gathers use `index_select` on flat slot lists, and a group whose queries are one token each at
 consecutive packed positions (the decodes, packed first) reads and writes its queries as a slice,
-without a gather or a scatter.
+without a gather or a scatter. When the runner passes a `decode_attention` kernel (cpu_kernels.py),
+that group skips the gathers and SDPA altogether: the kernel reads the keys and values in place.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +77,13 @@ class AttentionGroup:
         return cached
 
 
+# (query [S, H, D], key cache, value cache, key_slots [S, K], key_lengths [S], scale, sliding window)
+# -> [S, H, D]: one query per sequence against its cached keys (cpu_kernels.CpuKernels).
+DecodeAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, int | None], torch.Tensor
+]
+
+
 @dataclass
 class PagedAttentionMetadata:
     """What one step's attention needs besides q, k, v. Built once per step by the runner."""
@@ -83,6 +92,8 @@ class PagedAttentionMetadata:
     groups: list[AttentionGroup]
     key_caches: list[torch.Tensor]  # per layer [num_slots, kv_heads, head_dim]
     value_caches: list[torch.Tensor]
+    # Attention for groups of one-token queries that reads the cache in place; None: gather + SDPA.
+    decode_attention: DecodeAttention | None = None
 
 
 def build_attention_group(
@@ -190,8 +201,22 @@ def paged_attention_forward(
     output = torch.empty_like(packed_queries)
     if sliding_window is None:
         sliding_window = getattr(module, "sliding_window", None)
+    decode_attention = paged_metadata.decode_attention
+    if softcap is not None or key_cache.dtype != query.dtype:
+        decode_attention = None
     for group in paged_metadata.groups:
         span = group.single_query_span
+        if span is not None and decode_attention is not None:
+            output[span[0] : span[0] + span[1]] = decode_attention(
+                packed_queries[span[0] : span[0] + span[1]],
+                key_cache,
+                value_cache,
+                group.key_slots,
+                group.key_lengths,
+                scaling if scaling is not None else query.shape[-1] ** -0.5,
+                sliding_window,
+            )
+            continue
         if span is not None:
             group_queries = packed_queries[span[0] : span[0] + span[1]].unsqueeze(2)  # [S, H, 1, D]
         else:

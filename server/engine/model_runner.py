@@ -14,10 +14,12 @@ import torch
 from protoserve.server.engine.api import EngineConfig
 from protoserve.server.engine.attention import (
     AttentionGroup,
+    DecodeAttention,
     PagedAttentionMetadata,
     build_attention_group,
     register_paged_attention,
 )
+from protoserve.server.engine.cpu_kernels import cpu_kernels
 from protoserve.server.engine.cpu_linear import use_row_split_linears
 from protoserve.server.engine.errors import UnsupportedModelError
 from protoserve.server.engine.fast_decoder import FastDecoderForward, fast_decoder_for
@@ -128,6 +130,14 @@ class ModelRunner:
         self.fast_forward: FastDecoderForward | None = fast_decoder_for(model)
         if self.fast_forward is not None and not config.packed_weights:
             self.fast_forward.set_plan(PackedPlan.dense_only())
+        self.decode_attention = self._decode_attention_kernel()
+
+    def _decode_attention_kernel(self) -> DecodeAttention | None:
+        """The CPU kernel for decode attention (cpu_kernels.py) when enabled and buildable here."""
+        if not self.config.cpu_kernels or self.device.type != "cpu":
+            return None
+        kernels = cpu_kernels()
+        return kernels.paged_decode_attention if kernels is not None else None
 
     def _check_attention_dispatch(self, attention_name: str) -> None:
         """Every attention layer must now read the paged implementation from its config."""
@@ -183,6 +193,7 @@ class ModelRunner:
             groups=groups,
             key_caches=self.key_caches,
             value_caches=self.value_caches,
+            decode_attention=self.decode_attention,
         )
         input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         model_inputs: dict[str, torch.Tensor] = {}

@@ -85,11 +85,11 @@ def parse(*arguments: str) -> argparse.Namespace:
 def test_plan_passes_models_and_flags_through() -> None:
     args = parse("--model", "chat=/m/a", "--model", "/m/b", "--dtype", "float32", "--device", "cpu",
                  "--tool-parser", "hermes", "--api-key", "k", "--grpc-port", "6000", "--http-port", "6001",
-                 "--host", "0.0.0.0", "--no-packed-weights")  # fmt: skip
+                 "--host", "0.0.0.0", "--no-packed-weights", "--no-cpu-kernels")  # fmt: skip
     plan = up.plan_children(args, protoserve_command=("protoserve",), api_key_file=Path("/run/key"))
     assert plan.server_command == (
         "protoserve", "serve", "--host", "0.0.0.0", "--port", "6000", "--model", "chat=/m/a", "--model", "/m/b",
-        "--dtype", "float32", "--device", "cpu", "--tool-parser", "hermes", "--no-packed-weights",
+        "--dtype", "float32", "--device", "cpu", "--tool-parser", "hermes", "--no-packed-weights", "--no-cpu-kernels",
         "--api-key-file", "/run/key",
     )  # fmt: skip
     assert plan.translator_command == (

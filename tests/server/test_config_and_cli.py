@@ -68,6 +68,7 @@ def test_flags_build_one_config(tmp_path: Path) -> None:
             "--speculative-max-seqs",
             "2",
             "--no-packed-weights",
+            "--no-cpu-kernels",
         )
     )
     assert config.models == (ModelSpec(tmp_path.name, str(tmp_path)), ModelSpec("speech", "/models/whisper"))
@@ -79,7 +80,7 @@ def test_flags_build_one_config(tmp_path: Path) -> None:
     assert not engine.enable_prefix_caching and engine.max_n == 2 and engine.kv_cache_bytes == 1048576
     assert config.limits.max_n == 2 and config.limits.max_audio_bytes == 1000
     assert (engine.speculative_tokens, engine.speculative_max_seqs) == (0, 2)
-    assert not engine.packed_weights
+    assert not engine.packed_weights and not engine.cpu_kernels
     assert config.image_policy.allow_remote and config.image_policy.allowed_hosts == ("images.example.com",)
     assert (config.tool_parser, config.metrics_port, config.drain_grace_seconds, config.log_level) == (
         "hermes",
@@ -95,7 +96,7 @@ def test_defaults() -> None:
     assert config.metrics_port is None and config.tls is None and config.api_keys == ()
     assert config.drain_grace_seconds == 30.0 and config.engine.max_waiting_requests == 256
     assert (config.engine.speculative_tokens, config.engine.speculative_max_seqs) == (3, 1)
-    assert config.engine.packed_weights
+    assert config.engine.packed_weights and config.engine.cpu_kernels
 
 
 @pytest.mark.parametrize(
