@@ -196,13 +196,27 @@ def paged_attention_forward(
     slot_mapping = paged_metadata.slot_mapping
     key_cache.index_copy_(0, slot_mapping, key[0].transpose(0, 1).to(key_cache.dtype))
     value_cache.index_copy_(0, slot_mapping, value[0].transpose(0, 1).to(value_cache.dtype))
-
-    packed_queries = query[0].transpose(0, 1)  # [T, H, D]
-    output = torch.empty_like(packed_queries)
     if sliding_window is None:
         sliding_window = getattr(module, "sliding_window", None)
+    output = attend_cached(query[0].transpose(0, 1), layer_index, paged_metadata, scaling, sliding_window, softcap)
+    return output.unsqueeze(0), None
+
+
+def attend_cached(
+    packed_queries: torch.Tensor,
+    layer_index: int,
+    paged_metadata: PagedAttentionMetadata,
+    scaling: float | None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """The step's packed queries [T, H, D] against layer `layer_index`'s cache, where this step's
+    keys and values are already written -> [T, H, D]."""
+    key_cache = paged_metadata.key_caches[layer_index]
+    value_cache = paged_metadata.value_caches[layer_index]
+    output = torch.empty_like(packed_queries)
     decode_attention = paged_metadata.decode_attention
-    if softcap is not None or key_cache.dtype != query.dtype:
+    if softcap is not None or key_cache.dtype != packed_queries.dtype:
         decode_attention = None
     for group in paged_metadata.groups:
         span = group.single_query_span
@@ -213,7 +227,7 @@ def paged_attention_forward(
                 value_cache,
                 group.key_slots,
                 group.key_lengths,
-                scaling if scaling is not None else query.shape[-1] ** -0.5,
+                scaling if scaling is not None else packed_queries.shape[-1] ** -0.5,
                 sliding_window,
             )
             continue
@@ -221,15 +235,15 @@ def paged_attention_forward(
             group_queries = packed_queries[span[0] : span[0] + span[1]].unsqueeze(2)  # [S, H, 1, D]
         else:
             group_queries = packed_queries[group.query_index].permute(0, 2, 1, 3)  # [S, H, Q, D]
-        group_keys = _gather(key_cache, group.key_slots, query.dtype)  # [S, KV, K, D]
-        group_values = _gather(value_cache, group.key_slots, query.dtype)
+        group_keys = _gather(key_cache, group.key_slots, packed_queries.dtype)  # [S, KV, K, D]
+        group_values = _gather(value_cache, group.key_slots, packed_queries.dtype)
         attended = _attend(group_queries, group_keys, group_values, group, sliding_window, scaling, softcap)
         if span is not None:
             output[span[0] : span[0] + span[1]] = attended.squeeze(2)
         else:
             attended = attended.permute(0, 2, 1, 3)  # [S, Q, H, D]
             output[group.query_index[group.query_valid]] = attended[group.query_valid]
-    return output.unsqueeze(0), None
+    return output
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

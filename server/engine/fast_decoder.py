@@ -16,7 +16,9 @@ down products can stay transposed views, without a copy into row-major order), a
 that need a sample go through the final norm and the LM head. Every matrix product is a
 `LinearProduct` (packed_linear): oneDNN-packed weights at the row counts where they measured
 faster on this machine, on the first call (on a 2-core Zen 5: 16 sequences 62 -> 36 ms per step,
-64: 173 -> 121 ms), else `cpu_linear`'s forms. The results equal transformers' forward up to
+64: 173 -> 121 ms), else `cpu_linear`'s forms. With the C++ kernels (`use_kernels`, cpu_kernels.py)
+each RMSNorm is one op, and so are the rotary embeddings of q and k together with the cache write
+of k and v. The results equal transformers' forward up to
 float rounding (the fused products sum in another order); the engine's parity
 tests against `model.generate` run through it.
 
@@ -31,7 +33,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from protoserve.server.engine.attention import PagedAttentionMetadata, paged_attention_forward
+from protoserve.server.engine.attention import PagedAttentionMetadata, attend_cached, paged_attention_forward
+from protoserve.server.engine.cpu_kernels import CpuKernels
 from protoserve.server.engine.packed_linear import LinearProduct, PackedPlan, cached_packed_plan
 from transformers import PreTrainedModel
 
@@ -91,6 +94,7 @@ class _FusedLayer:
             torch.cat([bias.detach() for bias in biases]) if biases[0] is not None else None,
         )
         self.q_size = attention.q_proj.out_features
+        self.num_heads = self.q_size // attention.head_dim
         self.kv_size = attention.k_proj.out_features
         self.head_dim = attention.head_dim
         self.o = LinearProduct(attention.o_proj.weight, attention.o_proj.bias)
@@ -130,6 +134,7 @@ class FastDecoderForward:
         self.final_norm: Any = decoder.norm
         self.lm_head = LinearProduct(model.lm_head.weight, model.lm_head.bias)
         self.plan: PackedPlan | None = None  # measured on the first call, on the engine's thread
+        self.kernels: CpuKernels | None = None
 
     @property
     def products(self) -> list[LinearProduct]:
@@ -141,6 +146,20 @@ class FastDecoderForward:
         for product in self.products:
             product.apply_plan(plan)
         self.plan = plan
+
+    def use_kernels(self, kernels: CpuKernels) -> bool:
+        """Run the norms, rotary embeddings and cache writes through `kernels` from now on, where
+        they cover this model exactly (standard RMSNorms, everything in one dtype); False if not."""
+        dtype = self.lm_head.weight.dtype
+        norms = [norm for layer in self.layers for norm in (layer.input_norm, layer.post_norm)]
+        for norm in norms:
+            epsilon = getattr(norm, "variance_epsilon", None)
+            if not type(norm).__name__.endswith("RMSNorm") or not isinstance(epsilon, float):
+                return False
+            if norm.weight.dtype != dtype or norm.weight.dim() != 1:
+                return False
+        self.kernels = kernels
+        return True
 
     def __call__(
         self,
@@ -158,28 +177,30 @@ class FastDecoderForward:
         # products added to it), so a caller's embeddings are copied first.
         hidden = inputs_embeds.clone() if inputs_embeds is not None else self.decoder.embed_tokens(input_ids)
         cos, sin = self.rotary(hidden, positions[None, :])
-        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, D]
+        cos, sin = cos[0], sin[0]  # [T, D]
+        kernels = self.kernels if hidden.device.type == "cpu" and hidden.dtype == cos.dtype else None
         tokens = hidden.shape[0]
         for layer in self.layers:
             attention = layer.attention
-            normed = layer.input_norm(hidden)
-            qkv = layer.qkv(normed)
-            query = qkv[:, : layer.q_size].view(tokens, -1, layer.head_dim)
-            key = qkv[:, layer.q_size : layer.q_size + layer.kv_size].view(tokens, -1, layer.head_dim)
-            value = qkv[:, layer.q_size + layer.kv_size :].view(tokens, -1, layer.head_dim)
-            query = query * cos + _rotate_half(query) * sin
-            key = key * cos + _rotate_half(key) * sin
-            attended, _ = paged_attention_forward(
-                attention,
-                query.transpose(0, 1).unsqueeze(0),
-                key.transpose(0, 1).unsqueeze(0),
-                value.transpose(0, 1).unsqueeze(0),
-                None,
-                scaling=attention.scaling,
-                paged_metadata=metadata,
-            )
+            if kernels is not None:
+                normed = kernels.rms_norm(hidden, layer.input_norm.weight, layer.input_norm.variance_epsilon)
+                query = kernels.rotary_write_kv(
+                    layer.qkv(normed),
+                    cos,
+                    sin,
+                    metadata.key_caches[attention.layer_idx],
+                    metadata.value_caches[attention.layer_idx],
+                    metadata.slot_mapping,
+                    layer.num_heads,
+                )
+                attended = attend_cached(query, attention.layer_idx, metadata, attention.scaling)
+            else:
+                attended = self._attention_in_torch(layer, hidden, cos, sin, metadata)
             hidden.add_(layer.o(attended.reshape(tokens, -1), contiguous=False))
-            normed = layer.post_norm(hidden)
+            if kernels is not None:
+                normed = kernels.rms_norm(hidden, layer.post_norm.weight, layer.post_norm.variance_epsilon)
+            else:
+                normed = layer.post_norm(hidden)
             gate_up = layer.gate_up(normed, contiguous=False)
             # Written row-major: the down product is fast on a row-major input (W @ x^T with x^T
             # column-major), several times slower at a few rows on a transposed one.
@@ -188,6 +209,30 @@ class FastDecoderForward:
             hidden.add_(layer.down(activated, contiguous=False))
         selected = hidden.index_select(0, sample_rows)
         return self.lm_head(self.final_norm(selected))
+
+    @staticmethod
+    def _attention_in_torch(
+        layer: _FusedLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, metadata: PagedAttentionMetadata
+    ) -> torch.Tensor:
+        """Norm, q/k/v, rotary embeddings, cache write and attention in torch's ops -> [T, H, D]."""
+        tokens = hidden.shape[0]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D]
+        qkv = layer.qkv(layer.input_norm(hidden))
+        query = qkv[:, : layer.q_size].view(tokens, -1, layer.head_dim)
+        key = qkv[:, layer.q_size : layer.q_size + layer.kv_size].view(tokens, -1, layer.head_dim)
+        value = qkv[:, layer.q_size + layer.kv_size :].view(tokens, -1, layer.head_dim)
+        query = query * cos + _rotate_half(query) * sin
+        key = key * cos + _rotate_half(key) * sin
+        attended, _ = paged_attention_forward(
+            layer.attention,
+            query.transpose(0, 1).unsqueeze(0),
+            key.transpose(0, 1).unsqueeze(0),
+            value.transpose(0, 1).unsqueeze(0),
+            None,
+            scaling=layer.attention.scaling,
+            paged_metadata=metadata,
+        )
+        return attended[0]
 
 
 def _rotate_half(states: torch.Tensor) -> torch.Tensor:

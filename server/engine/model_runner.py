@@ -130,14 +130,12 @@ class ModelRunner:
         self.fast_forward: FastDecoderForward | None = fast_decoder_for(model)
         if self.fast_forward is not None and not config.packed_weights:
             self.fast_forward.set_plan(PackedPlan.dense_only())
-        self.decode_attention = self._decode_attention_kernel()
-
-    def _decode_attention_kernel(self) -> DecodeAttention | None:
-        """The CPU kernel for decode attention (cpu_kernels.py) when enabled and buildable here."""
-        if not self.config.cpu_kernels or self.device.type != "cpu":
-            return None
-        kernels = cpu_kernels()
-        return kernels.paged_decode_attention if kernels is not None else None
+        # The C++ kernels (cpu_kernels.py) when enabled and buildable here: decode attention for
+        # every model, the norms, rotary embeddings and cache writes for the lean forward.
+        kernels = cpu_kernels() if config.cpu_kernels and self.device.type == "cpu" else None
+        self.decode_attention: DecodeAttention | None = kernels.paged_decode_attention if kernels else None
+        if kernels is not None and self.fast_forward is not None:
+            self.fast_forward.use_kernels(kernels)
 
     def _check_attention_dispatch(self, attention_name: str) -> None:
         """Every attention layer must now read the paged implementation from its config."""

@@ -280,7 +280,13 @@ def _block_tokens(logits: torch.Tensor, blocked: Sequence[tuple[int, list[int]]]
     saved = logits[pairs].tolist()
     logits[pairs] = float("-inf")
     positions = sorted({position for position, _ in blocked})
-    nothing_allowed = torch.isneginf(logits[positions]).all(dim=1).tolist()
+    # One reduction over the rows in place (no copy of the rows, no boolean matrix): a row has
+    # nothing allowed exactly when its largest logit is -inf.
+    if len(positions) * 2 >= logits.shape[0]:
+        highest = logits.amax(dim=1)[positions]
+    else:
+        highest = logits[positions].amax(dim=1)
+    nothing_allowed = torch.isneginf(highest).tolist()
     for position, empty in zip(positions, nothing_allowed, strict=True):
         if not empty:
             continue

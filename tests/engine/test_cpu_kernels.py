@@ -16,7 +16,9 @@ from protoserve.server.engine.api import EngineConfig
 from protoserve.server.engine.attention import PagedAttentionMetadata, build_attention_group, paged_attention_forward
 from protoserve.server.engine.cpu_kernels import CpuKernels, cpu_kernels
 from protoserve.server.engine.engine import LLMEngine
+from protoserve.server.engine.fast_decoder import _rotate_half
 from protoserve.server.engine.loader import loaded_from_model
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .engine_fixtures import (
     build_model,
@@ -157,6 +159,77 @@ def test_bad_inputs_raise_instead_of_reading_out_of_bounds(kernels: CpuKernels) 
         attend(query, key_cache, value_cache, slots.int(), lengths, 1.0, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 7, 300], ids=["1 row", "7 rows", "300 rows"])
+def test_rms_norm_equals_transformers(kernels: CpuKernels, dtype: torch.dtype, rows: int) -> None:
+    norm = LlamaRMSNorm(96, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    norm = norm.to(dtype)
+    hidden = (torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)) * 3).to(dtype)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    normed = kernels.rms_norm(hidden, norm.weight, 1e-5)
+    torch.testing.assert_close(normed, norm(hidden), rtol=tolerance, atol=tolerance)
+    # A view with a row stride (a slice of a wider matrix) reads the right elements.
+    wide = torch.randn(rows, 128).to(dtype)
+    torch.testing.assert_close(
+        kernels.rms_norm(wide[:, 32:], norm.weight, 1e-5), norm(wide[:, 32:]), rtol=tolerance, atol=tolerance
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rotary_write_kv_equals_torch_and_writes_the_slots(kernels: CpuKernels, dtype: torch.dtype) -> None:
+    tokens, heads, kv_heads, dim = 5, 6, 2, 16
+    generator = torch.Generator().manual_seed(3)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=generator).to(dtype)
+    angles = torch.rand(tokens, dim // 2, generator=generator) * 6
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1).to(dtype)
+    key_cache = torch.zeros(32, kv_heads, dim, dtype=dtype)
+    value_cache = torch.zeros(32, kv_heads, dim, dtype=dtype)
+    slots = torch.tensor([9, 3, 30, 0, 17])
+    query = kernels.rotary_write_kv(qkv, cos, sin, key_cache, value_cache, slots, heads)
+
+    def rotated(states: torch.Tensor) -> torch.Tensor:
+        return states * cos[:, None, :] + _rotate_half(states) * sin[:, None, :]
+
+    q = qkv[:, : heads * dim].view(tokens, heads, dim)
+    k = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim :].view(tokens, kv_heads, dim)
+    if dtype == torch.float32:  # rounded as torch rounds: equal bit for bit
+        assert torch.equal(query, rotated(q)) and torch.equal(key_cache[slots], rotated(k))
+    else:
+        torch.testing.assert_close(query, rotated(q), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(key_cache[slots], rotated(k), rtol=2e-2, atol=2e-2)
+    assert torch.equal(value_cache[slots], v)
+    untouched = torch.ones(32, dtype=torch.bool)
+    untouched[slots] = False
+    assert not key_cache[untouched].any() and not value_cache[untouched].any()
+
+
+def test_layer_op_bad_inputs_raise(kernels: CpuKernels) -> None:
+    weight = torch.ones(8)
+    with pytest.raises(RuntimeError, match="weight"):
+        kernels.rms_norm(torch.ones(2, 9), weight, 1e-6)
+    with pytest.raises(RuntimeError, match="dtype"):
+        kernels.rms_norm(torch.ones(2, 8, dtype=torch.float64), weight, 1e-6)
+    with pytest.raises(RuntimeError, match="unit column stride"):
+        kernels.rms_norm(torch.ones(8, 2).t(), weight, 1e-6)
+    qkv, cos, sin = torch.ones(2, 4 * 8), torch.ones(2, 8), torch.zeros(2, 8)
+    caches = torch.zeros(4, 1, 8), torch.zeros(4, 1, 8)
+    kernels.rotary_write_kv(qkv, cos, sin, *caches, torch.tensor([0, 3]), 2)  # the well-formed call works
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        kernels.rotary_write_kv(qkv, cos, sin, *caches, torch.tensor([0, 4]), 2)
+    with pytest.raises(RuntimeError, match="one int64 slot per token"):
+        kernels.rotary_write_kv(qkv, cos, sin, *caches, torch.tensor([0]), 2)
+    with pytest.raises(RuntimeError, match="qkv width"):
+        kernels.rotary_write_kv(qkv, cos, sin, *caches, torch.tensor([0, 1]), 3)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        kernels.rotary_write_kv(qkv, cos[:1], sin[:1], *caches, torch.tensor([0, 1]), 2)
+    with pytest.raises(RuntimeError, match="dtype"):
+        kernels.rotary_write_kv(qkv, cos.double(), sin, *caches, torch.tensor([0, 1]), 2)
+
+
 @pytest.fixture
 def forget_built_kernels() -> Iterator[None]:
     """Let a test see cpu_kernels() build from scratch, then restore what the process had."""
@@ -210,6 +283,8 @@ def test_engine_greedy_output_equals_generate_with_and_without_the_kernel(kernel
     config = EngineConfig(kv_cache_bytes=1 << 20, block_size=4, max_num_batched_tokens=24, cpu_kernels=enabled)
     engine = LLMEngine(loaded_from_model(copy.deepcopy(model), word_tokenizer()), config)
     assert (engine.runner.decode_attention is not None) == enabled
+    assert engine.runner.fast_forward is not None
+    assert (engine.runner.fast_forward.kernels is not None) == enabled
     calls: list[int] = []
     if enabled:
         kernel = engine.runner.decode_attention

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from protoserve.server.engine.api import EngineConfig
+from protoserve.server.engine.cpu_kernels import cpu_kernels as built_cpu_kernels
 from protoserve.server.engine.engine import LLMEngine
 from protoserve.server.engine.fast_decoder import FastDecoderForward, fast_decoder_for, why_not_covered
 from protoserve.server.engine.loader import loaded_from_model
@@ -34,6 +35,10 @@ from .engine_fixtures import (
 )
 
 SMALL = TINY_DECODER_DIMENSIONS
+
+
+def cpu_kernels_available() -> bool:
+    return built_cpu_kernels() is not None
 
 
 def covered_models() -> list[tuple[str, torch.nn.Module]]:
@@ -80,15 +85,23 @@ def test_a_replaced_linear_is_not_covered() -> None:
     assert "Replaced" in (why_not_covered(model) or "")
 
 
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["C++ layer ops", "torch ops"])
 @pytest.mark.parametrize("plan", [PackedPlan.dense_only(), PackedPlan.packed_only()], ids=["dense", "packed"])
 @pytest.mark.parametrize(("label", "model"), covered_models(), ids=[label for label, _ in covered_models()])
-def test_logits_equal_transformers_forward_step_by_step(label: str, model: torch.nn.Module, plan: PackedPlan) -> None:
+def test_logits_equal_transformers_forward_step_by_step(
+    label: str, model: torch.nn.Module, plan: PackedPlan, cpu_kernels: bool
+) -> None:
     """Two engines over the same weights, one with the lean forward switched off, run the same
     mixed prefill/decode steps; every step's logits agree to float rounding, with the products
-    in the dense and in the oneDNN-packed form."""
-    config = EngineConfig(kv_cache_bytes=1 << 20, block_size=4, max_num_batched_tokens=20)
+    in the dense and in the oneDNN-packed form, and the norms and rotary embeddings in the C++
+    kernels (cpu_kernels.py) or in torch's ops."""
+    config = EngineConfig(kv_cache_bytes=1 << 20, block_size=4, max_num_batched_tokens=20, cpu_kernels=cpu_kernels)
     lean = LLMEngine(loaded_from_model(copy.deepcopy(model), word_tokenizer()), config)
     assert lean.runner.fast_forward is not None
+    if cpu_kernels and cpu_kernels_available():
+        assert lean.runner.fast_forward.kernels is not None
+    else:
+        assert lean.runner.fast_forward.kernels is None
     lean.runner.fast_forward.set_plan(plan)
     stock = LLMEngine(loaded_from_model(copy.deepcopy(model), word_tokenizer()), config)
     stock.runner.fast_forward = None

@@ -189,6 +189,19 @@ def test_a_row_with_nothing_allowed_ends_with_eos() -> None:
     assert Sampler().sample(ramp_logits(), [make_row(params, constraint=constraint)]).token_ids == [EOS]
 
 
+@pytest.mark.parametrize("blocked_rows", [[0], [0, 2, 3]], ids=["few rows blocked", "most rows blocked"])
+def test_an_unconstrained_row_left_with_nothing_but_eos_gets_it_back(blocked_rows: list[int]) -> None:
+    """ignore_eos on a row whose only finite logit is EOS: the row must still end, with EOS; the
+    other rows (EOS blocked too, but other tokens left) take their best other token."""
+    logits = ramp_logits(4)
+    logits[0, :EOS] = float("-inf")
+    rows = [make_row(SamplingParams(temperature=0.0, ignore_eos=index in blocked_rows)) for index in range(4)]
+    chosen = Sampler().sample(logits, rows).token_ids
+    assert chosen[0] == EOS
+    for index in range(1, 4):
+        assert chosen[index] == (EOS - 1 if index in blocked_rows else EOS), index
+
+
 def test_constraint_mask_of_the_wrong_size_is_a_clear_error() -> None:
     class WrongSize(AllowOnly):
         def allowed_token_mask(self, vocab_size: int) -> torch.Tensor:

@@ -14,13 +14,15 @@
 //   sliding_window               0: none; else only the last `sliding_window` keys are attended
 // Returns [S, H, D] in the query's dtype.
 
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+namespace protoserve {
 namespace {
 
 constexpr int64_t kMaxHeadDim = 512;
@@ -95,6 +97,8 @@ void paged_decode_attention_impl(const scalar_t* query, const scalar_t* key_cach
   });
 }
 
+}  // namespace
+
 torch::Tensor paged_decode_attention(const torch::Tensor& query, const torch::Tensor& key_cache,
                                      const torch::Tensor& value_cache, const torch::Tensor& key_slots,
                                      const torch::Tensor& key_lengths, double scale, int64_t sliding_window) {
@@ -143,11 +147,4 @@ torch::Tensor paged_decode_attention(const torch::Tensor& query, const torch::Te
   return output;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  // The GIL is released while it runs, as torch's own ops do, so the server's other threads go on.
-  module.def("paged_decode_attention", &paged_decode_attention,
-             "decode attention over a paged KV cache, keys and values read in place",
-             pybind11::call_guard<pybind11::gil_scoped_release>());
-}
+}  // namespace protoserve
