@@ -178,7 +178,9 @@ class FastDecoderForward:
         hidden = inputs_embeds.clone() if inputs_embeds is not None else self.decoder.embed_tokens(input_ids)
         cos, sin = self.rotary(hidden, positions[None, :])
         cos, sin = cos[0], sin[0]  # [T, D]
-        kernels = self.kernels if hidden.device.type == "cpu" and hidden.dtype == cos.dtype else None
+        # The kernels take one dtype throughout (they raise otherwise); anything else stays in torch.
+        same_dtype = hidden.dtype == cos.dtype == metadata.key_caches[0].dtype
+        kernels = self.kernels if hidden.device.type == "cpu" and same_dtype else None
         tokens = hidden.shape[0]
         for layer in self.layers:
             attention = layer.attention

@@ -4,7 +4,8 @@
 // The torch path (attention.py) gathers every sequence's keys and values out of the cache into a
 // padded copy, per layer and per step, then runs SDPA over the copy: the cache is read, written
 // and read again. Here each (sequence, KV head) task reads its keys and values once, straight from
-// their slots, for the query heads that share that KV head (GQA), and computes in float32.
+// their slots (prefetched a few rows ahead, since a sequence's blocks lie anywhere in the cache),
+// for the query heads that share that KV head (GQA), and computes in float32.
 //
 // Shapes (all contiguous, on the CPU):
 //   query        [S, H, D]       one query per sequence
@@ -27,7 +28,16 @@ namespace {
 
 constexpr int64_t kMaxHeadDim = 512;
 
-// HEAD_DIM > 0 fixes the head size at compile time (the loops unroll); 0 reads it at run time.
+constexpr int64_t kPrefetchRows = 16;
+
+// Prefetch the `bytes` at `address` into the cache (a key or value row a few rows ahead).
+inline void prefetch(const void* address, int64_t bytes) {
+  const char* start = static_cast<const char*>(address);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(start + offset);
+}
+
+// HEAD_DIM > 0 fixes the head size at compile time (the loops unroll and the per-head accumulators
+// stay in registers); 0 reads it at run time.
 template <typename scalar_t, int HEAD_DIM>
 void paged_decode_attention_impl(const scalar_t* query, const scalar_t* key_cache, const scalar_t* value_cache,
                                  const int64_t* key_slots, const int64_t* key_lengths, scalar_t* output,
@@ -35,11 +45,9 @@ void paged_decode_attention_impl(const scalar_t* query, const scalar_t* key_cach
                                  int64_t max_keys, int64_t sliding_window, float scale) {
   const int64_t dim = HEAD_DIM > 0 ? HEAD_DIM : runtime_dim;
   const int64_t group = num_heads / num_kv_heads;
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
   at::parallel_for(0, num_sequences * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<float> queries(group * dim);
-    std::vector<float> accumulators(group * dim);
-    float row[kMaxHeadDim];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t sequence = task / num_kv_heads;
       const int64_t kv_head = task % num_kv_heads;
@@ -47,51 +55,49 @@ void paged_decode_attention_impl(const scalar_t* query, const scalar_t* key_cach
       const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, length - sliding_window) : 0;
       const int64_t count = length - first;
       const int64_t* slots = key_slots + sequence * max_keys + first;
+      auto key_row = [&](int64_t j) { return key_cache + (slots[j] * num_kv_heads + kv_head) * dim; };
+      auto value_row = [&](int64_t j) { return value_cache + (slots[j] * num_kv_heads + kv_head) * dim; };
       scores.resize(group * count);
+      // Scores, one query head at a time: the head's query stays in registers; the keys come from
+      // memory for the first head (prefetched ahead) and from L1/L2 for the others.
       for (int64_t g = 0; g < group; ++g) {
-        const scalar_t* source = query + (sequence * num_heads + kv_head * group + g) * dim;
-        for (int64_t d = 0; d < dim; ++d) queries[g * dim + d] = static_cast<float>(source[d]) * scale;
-      }
-      for (int64_t j = 0; j < count; ++j) {
-        const scalar_t* __restrict__ key = key_cache + (slots[j] * num_kv_heads + kv_head) * dim;
-#pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) row[d] = static_cast<float>(key[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* __restrict__ q = queries.data() + g * dim;
+        const int64_t head = kv_head * group + g;
+        const scalar_t* source = query + (sequence * num_heads + head) * dim;
+        float q[HEAD_DIM > 0 ? HEAD_DIM : kMaxHeadDim];
+        for (int64_t d = 0; d < dim; ++d) q[d] = static_cast<float>(source[d]) * scale;
+        float* __restrict__ head_scores = scores.data() + g * count;
+        for (int64_t j = 0; j < count; ++j) {
+          if (g == 0 && j + kPrefetchRows < count) prefetch(key_row(j + kPrefetchRows), row_bytes);
+          const scalar_t* __restrict__ key = key_row(j);
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < dim; ++d) dot += q[d] * row[d];
-          scores[g * count + j] = dot;
+          for (int64_t d = 0; d < dim; ++d) dot += q[d] * static_cast<float>(key[d]);
+          head_scores[j] = dot;
         }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* __restrict__ weights = scores.data() + g * count;
         float highest = -INFINITY;
-        for (int64_t j = 0; j < count; ++j) highest = std::max(highest, weights[j]);
+        for (int64_t j = 0; j < count; ++j) highest = std::max(highest, head_scores[j]);
         float total = 0.f;
         for (int64_t j = 0; j < count; ++j) {
-          weights[j] = std::exp(weights[j] - highest);
-          total += weights[j];
+          head_scores[j] = std::exp(head_scores[j] - highest);
+          total += head_scores[j];
         }
         const float inverse = 1.f / total;
 #pragma omp simd
-        for (int64_t j = 0; j < count; ++j) weights[j] *= inverse;
+        for (int64_t j = 0; j < count; ++j) head_scores[j] *= inverse;
       }
-      std::fill(accumulators.begin(), accumulators.end(), 0.f);
-      for (int64_t j = 0; j < count; ++j) {
-        const scalar_t* __restrict__ value = value_cache + (slots[j] * num_kv_heads + kv_head) * dim;
-#pragma omp simd
-        for (int64_t d = 0; d < dim; ++d) row[d] = static_cast<float>(value[d]);
-        for (int64_t g = 0; g < group; ++g) {
-          const float weight = scores[g * count + j];
-          float* __restrict__ accumulator = accumulators.data() + g * dim;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) accumulator[d] += weight * row[d];
-        }
-      }
+      // Weighted values, one query head at a time, the head's accumulator in registers.
       for (int64_t g = 0; g < group; ++g) {
+        const float* __restrict__ weights = scores.data() + g * count;
+        float accumulator[HEAD_DIM > 0 ? HEAD_DIM : kMaxHeadDim] = {};
+        for (int64_t j = 0; j < count; ++j) {
+          if (g == 0 && j + kPrefetchRows < count) prefetch(value_row(j + kPrefetchRows), row_bytes);
+          const scalar_t* __restrict__ value = value_row(j);
+          const float weight = weights[j];
+#pragma omp simd
+          for (int64_t d = 0; d < dim; ++d) accumulator[d] += weight * static_cast<float>(value[d]);
+        }
         scalar_t* target = output + (sequence * num_heads + kv_head * group + g) * dim;
-        for (int64_t d = 0; d < dim; ++d) target[d] = static_cast<scalar_t>(accumulators[g * dim + d]);
+        for (int64_t d = 0; d < dim; ++d) target[d] = static_cast<scalar_t>(accumulator[d]);
       }
     }
   });
