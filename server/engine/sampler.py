@@ -97,7 +97,8 @@ def _blocked_end_tokens(row: SamplingRow) -> set[int]:
     return blocked
 
 
-def _is_plain_greedy(row: SamplingRow) -> bool:
+def _is_greedy_without_processing(row: SamplingRow) -> bool:
+    """Greedy, and nothing but min_tokens/ignore_eos blocking may change its logits."""
     params = row.params
     return (
         params.greedy
@@ -105,7 +106,6 @@ def _is_plain_greedy(row: SamplingRow) -> bool:
         and not params.logprobs
         and not params.logit_bias
         and not _needs_penalties(params)
-        and not _blocked_end_tokens(row)
     )
 
 
@@ -126,10 +126,27 @@ class Sampler:
         if not rows:
             return SampleResult(token_ids=[], logprobs=[])
         usable_columns = logits.shape[1] if self.vocab_size is None else min(self.vocab_size, logits.shape[1])
-        if all(_is_plain_greedy(row) for row in rows):
-            argmax_ids: list[int] = logits[:, :usable_columns].argmax(dim=-1).tolist()
-            return SampleResult(token_ids=argmax_ids, logprobs=[None] * len(rows))
+        if all(_is_greedy_without_processing(row) for row in rows):
+            return self._greedy(logits, rows, usable_columns)
+        return self._process_and_choose(logits, rows, usable_columns)
 
+    def _greedy(self, logits: torch.Tensor, rows: Sequence[SamplingRow], usable_columns: int) -> SampleResult:
+        """Greedy rows without processing: the argmax of the logits as they are, without a copy.
+        A row whose argmax is a token it must not take yet (min_tokens, ignore_eos) goes through
+        the full path, alone with the others like it; for every other row blocking a few tokens
+        cannot move the argmax (the first largest logit is not among them)."""
+        argmax_ids: list[int] = logits[:, :usable_columns].argmax(dim=-1).tolist()
+        redo = [index for index, row in enumerate(rows) if argmax_ids[index] in _blocked_end_tokens(row)]
+        if redo:
+            redone = self._process_and_choose(logits[redo], [rows[index] for index in redo], usable_columns)
+            for index, token_id in zip(redo, redone.token_ids, strict=True):
+                argmax_ids[index] = token_id
+        return SampleResult(token_ids=argmax_ids, logprobs=[None] * len(rows))
+
+    def _process_and_choose(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow], usable_columns: int
+    ) -> SampleResult:
+        """Steps 1-8 of the module's docstring on a float32 copy of the logits."""
         processed = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
         if usable_columns < processed.shape[1]:
             processed[:, usable_columns:] = float("-inf")

@@ -10,7 +10,12 @@ import pytest
 import torch
 from protoserve.server.engine.api import SamplingParams
 from protoserve.server.engine.errors import InvalidRequestError
-from protoserve.server.engine.sampler import Sampler, SamplingRow, validate_sampling_params_for_vocab
+from protoserve.server.engine.sampler import (
+    Sampler,
+    SamplingRow,
+    _blocked_end_tokens,
+    validate_sampling_params_for_vocab,
+)
 
 VOCAB = 16
 EOS = 15
@@ -236,3 +241,33 @@ def test_unseeded_sampling_follows_the_distribution() -> None:
     counts = draw_many(replace(SamplingParams(), temperature=1.0), logits, count=2000, eos=frozenset())
     assert counts[0] / 2000 == pytest.approx(0.7, abs=0.05)
     assert counts[2] / 2000 == pytest.approx(0.1, abs=0.03)
+
+
+def test_the_greedy_shortcut_equals_the_full_path() -> None:
+    """Greedy rows with only min_tokens/ignore_eos blocking skip the copy of the logits; on random
+    logits with ties, blocked maxima and -inf rows they choose what the full path chooses."""
+    generator = torch.Generator().manual_seed(7)
+    sampler = Sampler()
+    redone = 0
+    for trial in range(200):
+        logits = torch.randint(0, 4, (6, VOCAB), generator=generator).float()  # many ties
+        if trial % 5 == 0:
+            logits[trial % 6] = float("-inf")
+            logits[trial % 6, EOS] = 1.0
+        rows = [
+            make_row(
+                SamplingParams(
+                    temperature=0.0,
+                    ignore_eos=bool(torch.randint(0, 2, (1,), generator=generator)),
+                    min_tokens=int(torch.randint(0, 2, (1,), generator=generator)),
+                    stop_token_ids=(int(torch.randint(0, VOCAB, (1,), generator=generator)),),
+                )
+            )
+            for _ in range(6)
+        ]
+        shortcut = sampler.sample(logits, rows).token_ids
+        full = sampler._process_and_choose(logits, rows, VOCAB).token_ids
+        assert shortcut == full, trial
+        plain = logits.argmax(dim=-1).tolist()
+        redone += sum(1 for row, token_id in zip(rows, plain, strict=True) if token_id in _blocked_end_tokens(row))
+    assert redone > 20  # the trials do reach rows whose first choice is blocked
