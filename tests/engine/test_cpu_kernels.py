@@ -207,6 +207,38 @@ def test_rotary_write_kv_equals_torch_and_writes_the_slots(kernels: CpuKernels, 
     assert not key_cache[untouched].any() and not value_cache[untouched].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["row-major delta", "transposed delta"])
+def test_add_rms_norm_adds_in_place_then_normalizes(kernels: CpuKernels, dtype: torch.dtype, transposed: bool) -> None:
+    norm = LlamaRMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    norm = norm.to(dtype)
+    generator = torch.Generator().manual_seed(11)
+    hidden = torch.randn(6, 48, generator=generator).to(dtype)
+    delta = torch.randn(48, 6, generator=generator).to(dtype).t() if transposed else torch.randn(6, 48).to(dtype)
+    expected_hidden = hidden + delta
+    normed = kernels.add_rms_norm(hidden, delta, norm.weight, 1e-6)
+    assert torch.equal(hidden, expected_hidden)  # the residual add rounds as torch's add does
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(normed, norm(expected_hidden), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["row-major", "transposed"])
+def test_silu_mul_equals_torch(kernels: CpuKernels, dtype: torch.dtype, transposed: bool) -> None:
+    generator = torch.Generator().manual_seed(5)
+    values = torch.randn(7, 2 * 40, generator=generator) * 6
+    values[0, :4] = torch.tensor([-200.0, -88.5, 90.0, 0.0])  # past the exponential's clamp, and zero
+    values = values.to(dtype)
+    gate_up = values.t().contiguous().t() if transposed else values
+    expected = torch.nn.functional.silu(values[:, :40]) * values[:, 40:]
+    activated = kernels.silu_mul(gate_up)
+    assert activated.is_contiguous() and activated.shape == (7, 40)
+    tolerance = 2e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(activated, expected, rtol=tolerance, atol=tolerance)
+
+
 def test_layer_op_bad_inputs_raise(kernels: CpuKernels) -> None:
     weight = torch.ones(8)
     with pytest.raises(RuntimeError, match="weight"):
@@ -215,6 +247,12 @@ def test_layer_op_bad_inputs_raise(kernels: CpuKernels) -> None:
         kernels.rms_norm(torch.ones(2, 8, dtype=torch.float64), weight, 1e-6)
     with pytest.raises(RuntimeError, match="unit column stride"):
         kernels.rms_norm(torch.ones(8, 2).t(), weight, 1e-6)
+    with pytest.raises(RuntimeError, match="differ in shape"):
+        kernels.add_rms_norm(torch.ones(2, 8), torch.ones(3, 8), weight, 1e-6)
+    with pytest.raises(RuntimeError, match="contiguous hidden states"):
+        kernels.add_rms_norm(torch.ones(8, 2).t(), torch.ones(2, 8), weight, 1e-6)
+    with pytest.raises(RuntimeError, match="2 x intermediate"):
+        kernels.silu_mul(torch.ones(2, 7))
     qkv, cos, sin = torch.ones(2, 4 * 8), torch.ones(2, 8), torch.zeros(2, 8)
     caches = torch.zeros(4, 1, 8), torch.zeros(4, 1, 8)
     kernels.rotary_write_kv(qkv, cos, sin, *caches, torch.tensor([0, 3]), 2)  # the well-formed call works
@@ -301,3 +339,11 @@ def test_engine_greedy_output_equals_generate_with_and_without_the_kernel(kernel
     for index, prompt in enumerate(prompts):
         assert collected[f"r{index}"].token_ids[0] == reference_greedy(model, prompt, 12), index
     assert bool(calls) == enabled
+
+
+def test_a_build_failure_keeps_the_compilers_error_lines() -> None:
+    message = "Error building extension 'x':\n" + "\n".join(f"[{i}/4] c++ -O3 flags {i}" for i in range(40))
+    message += "\nkernels.cpp:12:5: error: 'y' was not declared in this scope\nninja: build stopped"
+    summary = cpu_kernels_module._summary(message)
+    assert "'y' was not declared" in summary and "ninja: build stopped" in summary
+    assert "[3/4]" not in summary

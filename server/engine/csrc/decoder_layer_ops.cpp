@@ -1,12 +1,13 @@
 // The small per-layer ops of a Llama-shaped decoder, each in one pass, for the lean forward
-// (fast_decoder.py). In torch each is several ops (RMSNorm: to, pow, mean, add, rsqrt, mul, to, mul;
-// rotary and the cache write: slices, neg, cat, mul, mul, add for q and for k, transposes, two
-// index_copy_), and at a few rows per step their dispatch costs more than their arithmetic.
+// (fast_decoder.py). In torch each is several ops (RMSNorm: to, pow, mean, add, rsqrt, mul, to, mul,
+// after the residual add; rotary and the cache write: slices, neg, cat, mul, mul, add for q and for
+// k, transposes, two index_copy_; the MLP's activation: empty, silu, mul), and at a few rows per
+// step their dispatch costs more than their arithmetic.
 //
 // The library is built with -ffp-contract=off, so each float product and sum is rounded as torch
 // rounds it: in float32 the rotary results equal torch's bit for bit; RMSNorm's sum of squares is
-// added in another order, so it agrees to float rounding. Lower precisions are computed in float32
-// and rounded once.
+// added in another order, and SiLU's exponential is this file's own (vectorizable) one, so those
+// agree to float rounding. Lower precisions are computed in float32 and rounded once.
 
 #include <ATen/Parallel.h>
 
@@ -21,27 +22,102 @@ namespace {
 // Rows per parallel task: small batches stay on one thread, where a fork would cost more than the work.
 int64_t grain_for(int64_t elements_per_row) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elements_per_row)); }
 
+// e^x as plain arithmetic, so that loops over it vectorize (glibc's expf is a call per element):
+// x = n ln2 + r with |r| <= ln2/2, e^r by Cephes' degree-6 polynomial (about 1 ulp), 2^n from
+// the exponent bits. x is clamped to [-87, 88], where e^x stays a normal float.
+inline float exp_clamped(float x) {
+  x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// One row of Llama's RMSNorm: y = weight * (x / sqrt(mean(x^2) + eps)), rounded to the dtype before
+// the weight, as transformers does.
+template <typename scalar_t>
+inline void normalize_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ weight,
+                          scalar_t* __restrict__ y, int64_t hidden, float epsilon) {
+  float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t d = 0; d < hidden; ++d) {
+    const float value = static_cast<float>(x[d]);
+    squares += value * value;
+  }
+  const float variance = squares / static_cast<float>(hidden);
+  const float inverse = 1.f / std::sqrt(variance + epsilon);
+#pragma omp simd
+  for (int64_t d = 0; d < hidden; ++d) {
+    const scalar_t normed = static_cast<scalar_t>(static_cast<float>(x[d]) * inverse);
+    y[d] = static_cast<scalar_t>(static_cast<float>(weight[d]) * static_cast<float>(normed));
+  }
+}
+
+template <typename scalar_t>
+void add_rms_norm_impl(scalar_t* hidden_states, const scalar_t* delta, int64_t delta_row_stride,
+                       int64_t delta_column_stride, const scalar_t* weight, scalar_t* output, int64_t rows,
+                       int64_t hidden, float epsilon) {
+  at::parallel_for(0, rows, grain_for(hidden), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* __restrict__ x = hidden_states + r * hidden;
+      const scalar_t* row_delta = delta + r * delta_row_stride;
+      for (int64_t d = 0; d < hidden; ++d) {
+        x[d] = static_cast<scalar_t>(static_cast<float>(x[d]) + static_cast<float>(row_delta[d * delta_column_stride]));
+      }
+      normalize_row(x, weight, output + r * hidden, hidden, epsilon);
+    }
+  });
+}
+
+template <typename scalar_t>
+void silu_mul_impl(const scalar_t* gate_up, int64_t row_stride, int64_t column_stride, scalar_t* output,
+                   int64_t rows, int64_t intermediate) {
+  auto activate = [](float gate, float up) {
+    const float silu = gate / (1.f + exp_clamped(-gate));
+    return static_cast<float>(static_cast<scalar_t>(silu)) * up;
+  };
+  if (column_stride == 1) {  // row-major: each row's gate half, then its up half
+    at::parallel_for(0, rows, grain_for(2 * intermediate), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* __restrict__ gate = gate_up + r * row_stride;
+        const scalar_t* __restrict__ up = gate + intermediate;
+        scalar_t* __restrict__ target = output + r * intermediate;
+#pragma omp simd
+        for (int64_t i = 0; i < intermediate; ++i) {
+          target[i] = static_cast<scalar_t>(activate(static_cast<float>(gate[i]), static_cast<float>(up[i])));
+        }
+      }
+    });
+    return;
+  }
+  // Any other layout (a transposed product): walk the columns, the rows contiguous where row_stride is 1.
+  at::parallel_for(0, intermediate, grain_for(2 * rows), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* gate = gate_up + i * column_stride;
+      const scalar_t* up = gate_up + (i + intermediate) * column_stride;
+      for (int64_t r = 0; r < rows; ++r) {
+        output[r * intermediate + i] = static_cast<scalar_t>(
+            activate(static_cast<float>(gate[r * row_stride]), static_cast<float>(up[r * row_stride])));
+      }
+    }
+  });
+}
+
 template <typename scalar_t>
 void rms_norm_impl(const scalar_t* input, const scalar_t* weight, scalar_t* output, int64_t rows, int64_t hidden,
                    int64_t input_row_stride, float epsilon) {
   at::parallel_for(0, rows, grain_for(hidden), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* __restrict__ x = input + r * input_row_stride;
-      scalar_t* __restrict__ y = output + r * hidden;
-      float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t d = 0; d < hidden; ++d) {
-        const float value = static_cast<float>(x[d]);
-        squares += value * value;
-      }
-      const float variance = squares / static_cast<float>(hidden);
-      const float inverse = 1.f / std::sqrt(variance + epsilon);
-#pragma omp simd
-      for (int64_t d = 0; d < hidden; ++d) {
-        const scalar_t normed = static_cast<scalar_t>(static_cast<float>(x[d]) * inverse);
-        y[d] = static_cast<scalar_t>(static_cast<float>(weight[d]) * static_cast<float>(normed));
-      }
-    }
+    for (int64_t r = begin; r < end; ++r) normalize_row(input + r * input_row_stride, weight, output + r * hidden, hidden, epsilon);
   });
 }
 
@@ -98,6 +174,37 @@ torch::Tensor rms_norm(const torch::Tensor& input, const torch::Tensor& weight, 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "rms_norm", [&] {
     rms_norm_impl<scalar_t>(input.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
                             input.size(0), input.size(1), input.stride(0), static_cast<float>(epsilon));
+  });
+  return output;
+}
+
+torch::Tensor add_rms_norm(const torch::Tensor& hidden_states, const torch::Tensor& delta,
+                           const torch::Tensor& weight, double epsilon) {
+  TORCH_CHECK(hidden_states.dim() == 2 && hidden_states.is_contiguous(), "contiguous hidden states [rows, hidden] expected");
+  TORCH_CHECK(delta.sizes() == hidden_states.sizes(), "delta and hidden states differ in shape");
+  TORCH_CHECK(hidden_states.device().is_cpu() && delta.device().is_cpu() && weight.device().is_cpu(),
+              "CPU tensors expected");
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden_states.size(1) && weight.is_contiguous(),
+              "weight [hidden] expected");
+  TORCH_CHECK(weight.scalar_type() == hidden_states.scalar_type() && delta.scalar_type() == hidden_states.scalar_type(),
+              "hidden states, delta and weight differ in dtype");
+  auto output = torch::empty(hidden_states.sizes(), hidden_states.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden_states.scalar_type(), "add_rms_norm", [&] {
+    add_rms_norm_impl<scalar_t>(hidden_states.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), delta.stride(0),
+                                delta.stride(1), weight.data_ptr<scalar_t>(), output.data_ptr<scalar_t>(),
+                                hidden_states.size(0), hidden_states.size(1), static_cast<float>(epsilon));
+  });
+  return output;
+}
+
+torch::Tensor silu_mul(const torch::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "gate_up [rows, 2 x intermediate] expected");
+  TORCH_CHECK(gate_up.device().is_cpu(), "a CPU tensor expected");
+  const int64_t rows = gate_up.size(0), intermediate = gate_up.size(1) / 2;
+  auto output = torch::empty({rows, intermediate}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gate_up.scalar_type(), "silu_mul", [&] {
+    silu_mul_impl<scalar_t>(gate_up.data_ptr<scalar_t>(), gate_up.stride(0), gate_up.stride(1),
+                            output.data_ptr<scalar_t>(), rows, intermediate);
   });
   return output;
 }
