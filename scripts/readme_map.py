@@ -21,7 +21,10 @@ START, END = "<!-- map:start -->", "<!-- map:end -->"
 FOLDERS = {
     "proto": "the `.proto` files: the single source of truth of the API (`protoserve.v1`)",
     "client": "`protoserve.client`: generated stubs (`client/v1/`, imported as `protoserve.v1`), typed client, CLI",
-    "server": "`protoserve.server`: gRPC services, model loading and the engine; the only part that imports torch",
+    "server": (
+        "`protoserve.server`: gRPC services, model loading and the engine (its C++ CPU kernels in"
+        " `server/engine/csrc/`); the only part that imports torch"
+    ),
     "translator": "`protoserve.translator`: the aiohttp OpenAI-compatible layer; never imports torch",
     "scripts": "code generation, benchmarks, report and map writers, the container entrypoint",
     "tests": "unit, integration, end-to-end and reliability tests (`make test`; long ones `make soak`)",

@@ -20,7 +20,9 @@ namespace protoserve {
 namespace {
 
 // Rows per parallel task: small batches stay on one thread, where a fork would cost more than the work.
-int64_t grain_for(int64_t elements_per_row) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elements_per_row)); }
+int64_t grain_for(int64_t elements_per_row) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elements_per_row));
+}
 
 // e^x as plain arithmetic, so that loops over it vectorize (glibc's expf is a call per element):
 // x = n ln2 + r with |r| <= ln2/2, e^r by Cephes' degree-6 polynomial (about 1 ulp), 2^n from
@@ -117,7 +119,9 @@ template <typename scalar_t>
 void rms_norm_impl(const scalar_t* input, const scalar_t* weight, scalar_t* output, int64_t rows, int64_t hidden,
                    int64_t input_row_stride, float epsilon) {
   at::parallel_for(0, rows, grain_for(hidden), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) normalize_row(input + r * input_row_stride, weight, output + r * hidden, hidden, epsilon);
+    for (int64_t r = begin; r < end; ++r) {
+      normalize_row(input + r * input_row_stride, weight, output + r * hidden, hidden, epsilon);
+    }
   });
 }
 
@@ -180,7 +184,8 @@ torch::Tensor rms_norm(const torch::Tensor& input, const torch::Tensor& weight, 
 
 torch::Tensor add_rms_norm(const torch::Tensor& hidden_states, const torch::Tensor& delta,
                            const torch::Tensor& weight, double epsilon) {
-  TORCH_CHECK(hidden_states.dim() == 2 && hidden_states.is_contiguous(), "contiguous hidden states [rows, hidden] expected");
+  TORCH_CHECK(hidden_states.dim() == 2 && hidden_states.is_contiguous(),
+              "contiguous hidden states [rows, hidden] expected");
   TORCH_CHECK(delta.sizes() == hidden_states.sizes(), "delta and hidden states differ in shape");
   TORCH_CHECK(hidden_states.device().is_cpu() && delta.device().is_cpu() && weight.device().is_cpu(),
               "CPU tensors expected");
