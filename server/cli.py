@@ -77,7 +77,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "weights' size again in memory and make products ~2x faster on AVX-512 CPUs)")
     engine.add_argument("--no-cpu-kernels", action="store_true",
                         help="CPU: do not build or use protoserve's C++ kernels (decode attention over the "
-                             "paged cache); torch's ops only")
+                             "paged cache, one-pass norms, rotary embeddings and activation); torch's ops only")
     engine.add_argument("--torch-threads", type=int, metavar="N",
                         help="CPU threads for the model's math (default: torch's choice, one per core); fewer "
                              "than the cores leaves room for gRPC, the translator and other processes")

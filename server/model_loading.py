@@ -181,6 +181,12 @@ class TransformersModelLoader:
             trust_remote_code=self._config.trust_remote_code,
         )
         loaded = await run_in_daemon_thread(load_model, options)
+        if self._config.engine.cpu_kernels and str(loaded.device).startswith("cpu"):
+            from protoserve.server.engine.cpu_kernels import cpu_kernels
+
+            # The first build on a machine compiles C++ for ~30 s: in a loading thread, never on
+            # the event loop (the engine below then finds the kernels built).
+            await run_in_daemon_thread(cpu_kernels)
         engine = AsyncEngine(loaded, self._config.engine)
         return ServedGenerationModel(describe_generation_model(spec.model_id, loaded), loaded, engine)
 

@@ -196,8 +196,9 @@ class EngineConfig:
     # CPU, float32, lean forward: oneDNN-packed copies of the weights at the row counts where they
     # measure faster (packed_linear.py); False keeps the dense weights only (no extra memory).
     packed_weights: bool = True
-    # CPU: C++ kernels built on this machine on first use (cpu_kernels.py; decode attention that reads
-    # the paged cache in place). False, or a failed build, keeps torch's ops.
+    # CPU: C++ kernels built on this machine on first use (cpu_kernels.py: decode attention that reads
+    # the paged cache in place, and the lean forward's norms, rotary embeddings, cache writes and
+    # activation in one pass each). False, or a failed build, keeps torch's ops.
     cpu_kernels: bool = True
 
 

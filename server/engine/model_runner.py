@@ -131,7 +131,7 @@ class ModelRunner:
         if self.fast_forward is not None and not config.packed_weights:
             self.fast_forward.set_plan(PackedPlan.dense_only())
         # The C++ kernels (cpu_kernels.py) when enabled and buildable here: decode attention for
-        # every model, the norms, rotary embeddings and cache writes for the lean forward.
+        # every model; the norms, rotary embeddings, cache writes and activation for the lean forward.
         kernels = cpu_kernels() if config.cpu_kernels and self.device.type == "cpu" else None
         self.decode_attention: DecodeAttention | None = kernels.paged_decode_attention if kernels else None
         if kernels is not None and self.fast_forward is not None:

@@ -7,10 +7,13 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from protoserve.server.config import ModelSpec, ServerConfig
 from protoserve.server.engine import cpu_kernels as cpu_kernels_module
 from protoserve.server.engine.api import EngineConfig
 from protoserve.server.engine.attention import PagedAttentionMetadata, build_attention_group, paged_attention_forward
@@ -18,6 +21,8 @@ from protoserve.server.engine.cpu_kernels import CpuKernels, cpu_kernels
 from protoserve.server.engine.engine import LLMEngine
 from protoserve.server.engine.fast_decoder import _rotate_half
 from protoserve.server.engine.loader import loaded_from_model
+from protoserve.server.model_loading import TransformersModelLoader
+from protoserve.server.registry import ServedGenerationModel
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .engine_fixtures import (
@@ -301,6 +306,31 @@ def test_a_failed_build_is_logged_once_and_the_engine_keeps_torch_attention(
     collected = run_until_done(engine)
     for index, prompt in enumerate(prompts):
         assert collected[f"r{index}"].token_ids[0] == reference_greedy(model, prompt, 5)
+
+
+async def test_the_server_builds_the_kernels_in_a_loading_thread(
+    forget_built_kernels: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The first build compiles for ~30 s: the model loader runs it off the event loop."""
+    folder = tmp_path / "tiny-llama"
+    build_model(tiny_llama_config()).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    built_in: list[str] = []
+    real_build = cpu_kernels_module._build
+
+    def recording_build() -> object:
+        built_in.append(threading.current_thread().name)
+        return real_build()
+
+    monkeypatch.setattr(cpu_kernels_module, "_build", recording_build)
+    loader = TransformersModelLoader(ServerConfig(dtype="float32", device="cpu"))
+    served = await loader.load(ModelSpec("tiny", str(folder)))
+    assert isinstance(served, ServedGenerationModel)
+    try:
+        assert len(built_in) == 1 and built_in[0].startswith("protoserve-load-")
+        assert served.engine.engine.runner.decode_attention is not None
+    finally:
+        await served.engine.shutdown()
 
 
 def test_the_library_name_follows_the_source_and_the_cache_dir_follows_the_environment(
