@@ -13,7 +13,7 @@ The source is compiled with the machine's C++ compiler through `torch.utils.cpp_
 comes from the `ninja` package) for this CPU (`-march=native`), once: the library lands in
 `$PROTOSERVE_KERNEL_CACHE_DIR` (default `~/.cache/protoserve/kernels`), in a folder named after a
 digest of the source, the flags, torch's version and the CPU, and later processes load it from
-there. A first build takes ~25 s on 2 cores. Where the build fails (no compiler, no Python
+there. A first build takes ~30 s on 2 cores. Where the build fails (no compiler, no Python
 headers, ...) `cpu_kernels()` logs why once and returns None, and the engine keeps the torch path:
 outputs are the same up to float rounding, only slower.
 """
