@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include "kernels.h"
+#include "vector_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -77,8 +78,9 @@ void paged_decode_attention_impl(const scalar_t* query, const scalar_t* key_cach
         float highest = -INFINITY;
         for (int64_t j = 0; j < count; ++j) highest = std::max(highest, head_scores[j]);
         float total = 0.f;
+#pragma omp simd reduction(+ : total)
         for (int64_t j = 0; j < count; ++j) {
-          head_scores[j] = std::exp(head_scores[j] - highest);
+          head_scores[j] = exp_clamped(head_scores[j] - highest);
           total += head_scores[j];
         }
         const float inverse = 1.f / total;
