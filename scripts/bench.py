@@ -5,6 +5,12 @@ streamed load through the OpenAI API at each concurrency (greedy, every request 
 exactly --output-len tokens). protoserve is also driven through its gRPC API directly, so the
 translator's overhead shows as its own ratio. Prints one table, writes a JSON file and a PNG plot.
 
+A shared machine's speed drifts by more than the differences worth measuring, so on the CPU both
+servers stay up for the whole run and the three drivers take turns at each level (--interleave;
+an idle server uses no CPU), each level --repeats times: a table row is a driver's median repeat,
+and the ratio of every pair of repeats that ran side by side is kept next to the median ratio.
+On an accelerator the servers run one after the other (two would share its memory).
+
     python scripts/bench.py                      # demo chat model, concurrency 1 4 16 64
     python scripts/bench.py --concurrency 1 16 --output-len 64 --servers protoserve
     python scripts/bench.py --write-readme       # also README's performance section, docs/bench-cpu.png
@@ -27,7 +33,8 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +42,10 @@ import aiohttp
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import LoadResult, describe, grpc_chat_stream, openai_chat_stream, run_closed_loop  # noqa: E402
+from bench_load import LoadResult, RequestTiming, describe, grpc_chat_stream, openai_chat_stream, run_closed_loop  # noqa: E402
 from bench_report import (  # noqa: E402
     describe_machine,
+    median_of_repeats,
     plot,
     print_table,
     ratio_rows,
@@ -145,7 +153,7 @@ def chat_body(model: str, prompt: str, output_len: int, server: str) -> dict[str
     return body
 
 
-Driver = Callable[[], Awaitable[Any]]
+Driver = Callable[[], Awaitable[RequestTiming]]
 
 
 @asynccontextmanager
@@ -158,7 +166,7 @@ async def openai_driver(
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         body = chat_body(model, prompt, args.output_len, server.name.split("/")[0])
 
-        async def one() -> object:
+        async def one() -> RequestTiming:
             return await openai_chat_stream(session, server.base_url, body)
 
         await run_closed_loop(one, concurrency=2, num_requests=2)  # warm-up
@@ -166,14 +174,14 @@ async def openai_driver(
 
 
 async def measure_level(
-    name: str, memory: PeakMemory, one: Driver, concurrency: int, args: argparse.Namespace
+    label: str, memory: PeakMemory, one: Driver, concurrency: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One load level: its figures, the peak RSS of the server tree and the load average."""
     memory.reset()
     load_before = os.getloadavg()[0]
     result: LoadResult = await run_closed_loop(one, concurrency, requests_for(concurrency, args))
     load_average = max(load_before, os.getloadavg()[0])
-    print(f"{name:<22} {describe(result)} load {load_average:.1f}", flush=True)
+    print(f"{label:<28} {describe(result)} load {load_average:.1f}", flush=True)
     return {**result.as_dict(), "peak_rss_mib": memory.peak_mib, "load_average": load_average}
 
 
@@ -191,20 +199,34 @@ async def grpc_driver(target: str, model: str, args: argparse.Namespace, prompt:
             sampling=common_pb2.SamplingParams(temperature=0.0, max_tokens=args.output_len, min_tokens=args.output_len),
         )
 
-        async def one() -> object:
+        async def one() -> RequestTiming:
             return await grpc_chat_stream(stub, request)
 
         await run_closed_loop(one, concurrency=2, num_requests=2)
         yield one
 
 
-async def measure_levels(drivers: dict[str, Driver], memory: PeakMemory, args: argparse.Namespace) -> dict[str, list]:
-    """Every level for every driver, the drivers taking turns at each level (so that a slow spell
-    of a shared machine does not fall on one API's levels only)."""
-    results: dict[str, list] = {name: [] for name in drivers}
+@dataclass
+class Target:
+    """One way of driving one server: its closed-loop call and the memory sampler of its server."""
+
+    one: Driver
+    memory: PeakMemory
+
+
+async def measure_levels(targets: dict[str, Target], args: argparse.Namespace) -> dict[str, list]:
+    """Every level, --repeats times, the drivers taking turns within each repeat (so that a slow
+    spell of a shared machine does not fall on one driver's levels only); each driver's row per
+    level is its median repeat (bench_report.median_of_repeats)."""
+    results: dict[str, list] = {name: [] for name in targets}
     for concurrency in args.concurrency:
-        for name, one in drivers.items():
-            results[name].append(await measure_level(name, memory, one, concurrency, args))
+        repeats: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+        for repeat in range(args.repeats):
+            for name, target in targets.items():
+                label = f"{name} #{repeat + 1}" if args.repeats > 1 else name
+                repeats[name].append(await measure_level(label, target.memory, target.one, concurrency, args))
+        for name in targets:
+            results[name].append(median_of_repeats(repeats[name]))
     return results
 
 
@@ -230,66 +252,22 @@ async def main_async(args: argparse.Namespace) -> int:
     model_path = args.model or default_model()
     prompt = (PROMPT_WORD * max(1, args.prompt_words // len(PROMPT_WORD.split())))[: args.prompt_words * 8]
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    starters = {
+        name: starter
+        for name, starter in (("transformers", start_transformers), ("protoserve", start_protoserve))
+        if name in args.servers
+    }
     report: dict[str, list[dict]] = {}
-    if "transformers" in args.servers:
-        port = free_port()
-        command = [
-            args.ts_python,
-            "-m",
-            "transformers.cli.transformers",
-            "serve",
-            model_path,
-            "--continuous-batching",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dtype",
-            args.dtype,
-            "--device",
-            args.device,
-        ]
-        server = ServerProcess(
-            "transformers/rest", command, f"http://127.0.0.1:{port}", args.out_dir / "transformers.log"
-        )
-        try:
-            await server.wait_ready(args.start_timeout)
-            async with openai_driver(server, model_path, args, prompt) as one:
-                report.update(await measure_levels({server.name: one}, server.memory, args))
-        finally:
-            server.stop()
-    if "protoserve" in args.servers:
-        grpc_port, http_port = free_port(), free_port()
-        command = [
-            sys.executable,
-            "-m",
-            "protoserve.client.cli.main",
-            "up",
-            "--model",
-            model_path,
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(http_port),
-            "--dtype",
-            args.dtype,
-            "--device",
-            args.device,
-            *protoserve_flags(args),
-        ]
-        server = ServerProcess(
-            "protoserve/rest", command, f"http://127.0.0.1:{http_port}", args.out_dir / "protoserve.log"
-        )
-        try:
-            await server.wait_ready(args.start_timeout)
-            model_id = Path(model_path).name
-            async with (
-                openai_driver(server, model_id, args, prompt) as rest,
-                grpc_driver(f"127.0.0.1:{grpc_port}", model_id, args, prompt) as grpc,
-            ):
-                report.update(await measure_levels({server.name: rest, "protoserve/grpc": grpc}, server.memory, args))
-        finally:
-            server.stop()
+    if args.interleave:
+        async with AsyncExitStack() as stack:
+            targets: dict[str, Target] = {}
+            for starter in starters.values():
+                targets.update(await stack.enter_async_context(starter(model_path, args, prompt)))
+            report.update(await measure_levels(targets, args))
+    else:
+        for starter in starters.values():
+            async with starter(model_path, args, prompt) as targets:
+                report.update(await measure_levels(targets, args))
     print_table(report, args.concurrency)
     title = f"{Path(model_path).name}, {args.output_len} output tokens, {args.device}, {os.cpu_count()} CPU cores"
     prompt_tokens = max((row["prompt_tokens"] or 0 for rows in report.values() for row in rows), default=0)
@@ -306,6 +284,8 @@ async def main_async(args: argparse.Namespace) -> int:
             "prompt_tokens": prompt_tokens or "?",
             "rounds": args.rounds,
             "min_requests": args.min_requests,
+            "repeats": args.repeats,
+            "interleave": args.interleave,
             "protoserve_flags": f"`{' '.join(protoserve_flags(args))}`" if protoserve_flags(args) else "",
             "transformers_version": transformers_version(args.ts_python) if "transformers/rest" in report else "",
             "notes": args.note,
@@ -320,6 +300,71 @@ async def main_async(args: argparse.Namespace) -> int:
     if args.write_readme:
         write_readme_outputs(result, report, title)
     return 0
+
+
+@asynccontextmanager
+async def start_transformers(
+    model_path: str, args: argparse.Namespace, prompt: str
+) -> AsyncIterator[dict[str, Target]]:
+    """`transformers serve --continuous-batching` on the model, ready and warmed up, as one target."""
+    port = free_port()
+    command = [
+        args.ts_python,
+        "-m",
+        "transformers.cli.transformers",
+        "serve",
+        model_path,
+        "--continuous-batching",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+    ]
+    server = ServerProcess("transformers/rest", command, f"http://127.0.0.1:{port}", args.out_dir / "transformers.log")
+    try:
+        await server.wait_ready(args.start_timeout)
+        async with openai_driver(server, model_path, args, prompt) as one:
+            yield {server.name: Target(one, server.memory)}
+    finally:
+        server.stop()
+
+
+@asynccontextmanager
+async def start_protoserve(model_path: str, args: argparse.Namespace, prompt: str) -> AsyncIterator[dict[str, Target]]:
+    """`protoserve up` on the model, ready and warmed up: its REST (translator) and gRPC targets."""
+    grpc_port, http_port = free_port(), free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "protoserve.client.cli.main",
+        "up",
+        "--model",
+        model_path,
+        "--grpc-port",
+        str(grpc_port),
+        "--http-port",
+        str(http_port),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        *protoserve_flags(args),
+    ]
+    server = ServerProcess("protoserve/rest", command, f"http://127.0.0.1:{http_port}", args.out_dir / "protoserve.log")
+    try:
+        await server.wait_ready(args.start_timeout)
+        model_id = Path(model_path).name
+        async with (
+            openai_driver(server, model_id, args, prompt) as rest,
+            grpc_driver(f"127.0.0.1:{grpc_port}", model_id, args, prompt) as grpc,
+        ):
+            yield {server.name: Target(rest, server.memory), "protoserve/grpc": Target(grpc, server.memory)}
+    finally:
+        server.stop()
 
 
 def protoserve_flags(args: argparse.Namespace) -> list[str]:
@@ -362,6 +407,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench-results")
     parser.add_argument("--rounds-at-64", type=int, default=0, help="rounds at 64+ streams (0: --rounds)")
     parser.add_argument("--torch-threads", type=int, help="passed to protoserve up --torch-threads")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each level per driver; rows are medians")
+    parser.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep both servers up and let every driver take turns at each level (default: on for --device cpu; "
+        "off elsewhere, where two servers would share one accelerator's memory)",
+    )
     parser.add_argument("--from-json", type=Path, help="no runs: print (and --write-readme) a saved bench.json")
     parser.add_argument("--note", action="append", default=[], help="a line for the README section; repeatable")
     parser.add_argument(
@@ -370,6 +423,10 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if min(args.concurrency) < 1 or args.output_len < 1 or args.rounds < 1 or args.rounds_at_64 < 0:
         parser.error("--concurrency, --output-len and --rounds must be at least 1")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.interleave is None:
+        args.interleave = args.device == "cpu"
     if args.torch_threads is not None and args.torch_threads < 1:
         parser.error("--torch-threads must be at least 1")
     return args

@@ -29,8 +29,34 @@ def row_at(rows: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | Non
     return next((row for row in rows if row["concurrency"] == concurrency), None)
 
 
+def median_of_repeats(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """One level's row from its repeats: the repeat with the median output throughput (the lower
+    middle of an even count), so that the row's figures all come from one measurement. Every
+    repeat's throughput and TTFT p50 are kept in `repeat_tokens_per_s` / `repeat_ttft_p50_s` (in
+    the order they ran); peak RSS and load are the highest of all repeats, errors their sum."""
+    if not repeats:
+        raise ValueError("a level needs at least one repeat")
+    ranked = sorted(repeats, key=lambda row: row["output_tokens_per_s"])
+    row = dict(ranked[(len(ranked) - 1) // 2])
+    row["repeat_tokens_per_s"] = [r["output_tokens_per_s"] for r in repeats]
+    row["repeat_ttft_p50_s"] = [r["ttft_p50_s"] for r in repeats]
+    row["peak_rss_mib"] = max(r["peak_rss_mib"] for r in repeats)
+    row["load_average"] = max(r["load_average"] for r in repeats)
+    row["errors"] = sum(r["errors"] for r in repeats)
+    return row
+
+
+def _paired_ratios(numerator: dict[str, Any], denominator: dict[str, Any]) -> list[float]:
+    """Repeat i of one driver over repeat i of another (they ran side by side), when both have repeats."""
+    tops, bottoms = numerator.get("repeat_tokens_per_s", []), denominator.get("repeat_tokens_per_s", [])
+    if len(tops) < 2 or len(tops) != len(bottoms):
+        return []
+    return [top / max(bottom, 1e-9) for top, bottom in zip(tops, bottoms, strict=True)]
+
+
 def ratio_rows(report: Report, concurrencies: list[int]) -> list[dict[str, Any]]:
-    """Per concurrency: protoserve/transformers throughput and TTFT p50, and REST/gRPC throughput."""
+    """Per concurrency: protoserve/transformers throughput and TTFT p50, and REST/gRPC throughput,
+    from the median rows; with repeats, also the throughput ratio of each pair of repeats."""
     rows = []
     for concurrency in concurrencies:
         rest = row_at(report.get("protoserve/rest", []), concurrency)
@@ -40,11 +66,23 @@ def ratio_rows(report: Report, concurrencies: list[int]) -> list[dict[str, Any]]
         if rest and transformers:
             row["throughput_x"] = rest["output_tokens_per_s"] / max(transformers["output_tokens_per_s"], 1e-9)
             row["ttft_p50_fraction"] = rest["ttft_p50_s"] / max(transformers["ttft_p50_s"], 1e-9)
+            if paired := _paired_ratios(rest, transformers):
+                row["throughput_x_repeats"] = paired
         if rest and grpc:
             row["translator_efficiency"] = rest["output_tokens_per_s"] / max(grpc["output_tokens_per_s"], 1e-9)
+            if paired := _paired_ratios(rest, grpc):
+                row["translator_efficiency_repeats"] = paired
         if len(row) > 1:
             rows.append(row)
     return rows
+
+
+def _format_ratio_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, list):
+        return "/".join(f"{item:.2f}" for item in value)
+    return str(value)
 
 
 def print_table(report: Report, concurrencies: list[int]) -> None:
@@ -65,7 +103,7 @@ def print_table(report: Report, concurrencies: list[int]) -> None:
     if ratios:
         print("\nratios (protoserve / transformers serve, REST; translator = REST / gRPC)")
         for row in ratios:
-            print("  " + "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            print("  " + "  ".join(f"{key}={_format_ratio_value(value)}" for key, value in row.items()))
 
 
 def plot(report: Report, path: Path, title: str) -> None:
@@ -142,8 +180,8 @@ def readme_section(result: dict[str, Any], engine_result: dict[str, Any] | None 
         f"{settings['rounds']} x concurrency requests per level (at least {settings['min_requests']}). "
         f"protoserve ran with {settings['protoserve_flags'] or 'default flags'}; transformers serve "
         f"{settings['transformers_version']} with `--continuous-batching`. Client, translator and servers share the "
-        "same cores; protoserve's REST and gRPC runs take turns at each level; `load` is the 1-minute load "
-        "average during the level (other work on the machine shows there).",
+        f"same cores. {_schedule_sentence(settings)} `load` is the 1-minute load average during the level "
+        "(other work on the machine shows there).",
         "",
         "![throughput and TTFT against concurrency](docs/bench-cpu.png)",
         "",
@@ -166,13 +204,14 @@ def readme_section(result: dict[str, Any], engine_result: dict[str, Any] | None 
     if ratios:
         lines += [
             "",
-            "| streams | throughput protoserve / transformers serve | TTFT p50 protoserve / transformers serve "
-            "| REST / gRPC throughput |",
-            "|---|---|---|---|",
+            "| streams | throughput protoserve / transformers serve | each repeat | TTFT p50 protoserve / "
+            "transformers serve | REST / gRPC throughput | each repeat |",
+            "|---|---|---|---|---|---|",
         ]
+        keys = ("throughput_x", "throughput_x_repeats", "ttft_p50_fraction", "translator_efficiency",
+                "translator_efficiency_repeats")  # fmt: skip
         for row in ratios:
-            cells = [f"{row[key]:.2f}" if key in row else "-" for key in
-                     ("throughput_x", "ttft_p50_fraction", "translator_efficiency")]  # fmt: skip
+            cells = [_format_ratio_value(row[key]) if key in row else "-" for key in keys]
             lines.append(f"| {row['concurrency']} | " + " | ".join(cells) + " |")
     by_concurrency = {row["concurrency"]: row for row in ratios}
     at_16, at_1 = by_concurrency.get(16, {}), by_concurrency.get(1, {})
@@ -193,6 +232,25 @@ def readme_section(result: dict[str, Any], engine_result: dict[str, Any] | None 
     if notes:
         lines += ["", *[f"- {note}" for note in notes]]
     return "\n".join(lines)
+
+
+def _schedule_sentence(settings: dict[str, Any]) -> str:
+    """How the levels were run: repeats, and whether the servers took turns (bench.py --interleave)."""
+    repeats = int(settings.get("repeats", 1))
+    if settings.get("interleave"):
+        schedule = (
+            "Both servers were up for the whole run and every driver (transformers serve, protoserve REST, "
+            "protoserve gRPC) took its turn at each level, so a slow spell of the machine falls on all of them."
+        )
+    else:
+        schedule = "The servers ran one after the other; protoserve's REST and gRPC drivers took turns at each level."
+    if repeats > 1:
+        schedule += (
+            f" Each level ran {repeats} times per driver; a row is the driver's median repeat (by throughput) and "
+            "the ratios come from those rows, with the ratio of each pair of repeats that ran side by side next "
+            "to them."
+        )
+    return schedule
 
 
 def write_readme_section(readme: Path, section: str) -> None:
