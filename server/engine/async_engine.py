@@ -45,6 +45,12 @@ class _Stream:
             pass
 
 
+def _put_all(deliveries: list[tuple[_Stream, RequestOutput]]) -> None:
+    """On the callers' loop: each output into its request's queue."""
+    for stream, output in deliveries:
+        stream.queue.put_nowait(output)
+
+
 class AsyncEngine:
     """Implements `GenerationEngine` over an `LLMEngine` run by one background thread."""
 
@@ -186,8 +192,7 @@ class AsyncEngine:
                     RequestFailedError(f"the engine failed while running this request ({type(error).__name__})"),
                 )
             return False
-        for output in outputs:
-            self._deliver_output(output)
+        self._deliver_step_outputs(outputs)
         return True
 
     def _die(self) -> None:
@@ -211,6 +216,22 @@ class AsyncEngine:
             stream = self._streams.get(output.request_id)
         if stream is not None:
             stream.deliver(output)
+
+    def _deliver_step_outputs(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, with one wake-up per event loop instead of one per output (each
+        `call_soon_threadsafe` writes to the loop's self-pipe). Per request the order is kept: a
+        loop runs its callbacks in the order they were scheduled."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        with self._condition:
+            for output in outputs:
+                stream = self._streams.get(output.request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream, output))
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, deliveries)
+            except RuntimeError:  # the callers' loop is closed: nobody is listening any more
+                pass
 
     def _deliver_error(self, request_id: str, error: BaseException) -> None:
         with self._condition:

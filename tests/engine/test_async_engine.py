@@ -160,3 +160,41 @@ async def test_shutdown_aborts_in_flight_requests(make_async_engine) -> None:
     assert remaining[-1].finished and remaining[-1].deltas[0].finish_reason.value == "abort"
     with pytest.raises(EngineDeadError):
         await collect(engine, EngineRequest("late", (2, 3), greedy(4)))
+
+
+async def test_one_wake_up_per_loop_per_step_and_streams_on_other_loops(llama, make_async_engine) -> None:
+    """A step's outputs reach their streams with one call_soon_threadsafe per event loop; streams
+    served by another thread's loop get theirs, in order, too."""
+    engine = make_async_engine()
+    loop = asyncio.get_running_loop()
+    scheduled: list[object] = []
+    original = loop.call_soon_threadsafe
+
+    def counting(callback, *args, **kwargs):
+        scheduled.append(callback)
+        return original(callback, *args, **kwargs)
+
+    loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+    prompts = random_prompts(5, 3, 25, seed=22)
+    here = [EngineRequest(f"h{i}", tuple(p), greedy(6)) for i, p in enumerate(prompts[:3])]
+    elsewhere = [EngineRequest(f"e{i}", tuple(p), greedy(6)) for i, p in enumerate(prompts[3:])]
+
+    def on_another_loop() -> list[list[RequestOutput]]:
+        async def run() -> list[list[RequestOutput]]:
+            return list(await asyncio.gather(*(collect(engine, request) for request in elsewhere)))
+
+        return asyncio.run(run())
+
+    try:
+        other_streams, *local_streams = await asyncio.gather(
+            asyncio.to_thread(on_another_loop), *(collect(engine, request) for request in here)
+        )
+    finally:
+        loop.call_soon_threadsafe = original  # type: ignore[method-assign]
+    for prompt, outputs in zip(prompts, [*local_streams, *other_streams], strict=True):
+        tokens = [token for output in outputs for delta in output.deltas for token in delta.token_ids]
+        assert tokens == reference_greedy(llama, prompt, 6)
+        assert outputs[-1].finished
+    # Three streams here, six tokens each: one wake-up per step that touched them, not one per output.
+    outputs_here = sum(len(outputs) for outputs in local_streams)
+    assert len(scheduled) < outputs_here
