@@ -115,7 +115,7 @@ def cpu_kernels() -> CpuKernels | None:
                 _kernels = CpuKernels(_build())
             except Exception as error:  # the compiler's or loader's error, whatever its type
                 _failure = f"{type(error).__name__}: {_summary(str(error))}"
-                logger.warning("CPU kernels not built, the engine keeps torch's attention path: %s", _failure)
+                logger.warning("CPU kernels not built, the engine keeps torch's ops (slower): %s", _failure)
         return _kernels
 
 

@@ -43,7 +43,7 @@ NUM_BLOCKS = 64
 @pytest.fixture(scope="module")
 def kernels() -> CpuKernels:
     if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler on this machine: the engine keeps torch's attention path")
+        pytest.skip("no C++ compiler on this machine: the engine keeps torch's ops")
     built = cpu_kernels()
     assert built is not None, f"a compiler is here but the build failed: {cpu_kernels_module.build_failure()}"
     return built
