@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: serve test soak bench bench-engine system-deps venv lint proto clean
+.PHONY: serve test soak bench bench-engine gpu-kit system-deps venv lint proto clean
 
 $(STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ bench-engine: venv
 
 bench: venv
 	$(BIN)/python scripts/bench.py
+
+# Wheels and tokenizer for an offline CUDA machine; there: `bash scripts/gpu_check.sh` (the GPU checks).
+gpu-kit: venv
+	$(BIN)/protoserve models fetch-demo
+	PYTHON=$(BIN)/python bash scripts/gpu_kit.sh
 
 lint: venv
 	$(BIN)/ruff check .

@@ -15,6 +15,8 @@ On an accelerator the servers run one after the other (two would share its memor
     python scripts/bench.py --concurrency 1 16 --output-len 64 --servers protoserve
     python scripts/bench.py --write-readme       # also README's performance section, docs/bench-cpu.png
     python scripts/bench.py --from-json bench-results/bench.json --write-readme   # re-render, no runs
+    python scripts/bench.py --from-json results/bench-llama-1b-random/bench.json --write-readme \
+        --engine-json results/bench_engine.json   # a GPU run (scripts/gpu_check.sh): its own README section
 
 `transformers serve` runs from --ts-python (default `.venv-bench/bin/python`, made with
 `python3.11 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0 'transformers[serving]'`).
@@ -26,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -76,12 +79,16 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            try:
-                tree = [self.process, *self.process.children(recursive=True)]
-                rss = sum(p.memory_info().rss for p in tree if p.is_running())
-            except psutil.Error:
-                continue
-            self.peak_mib = max(self.peak_mib, rss / 2**20)
+            self.sample()
+
+    def sample(self) -> None:
+        """One reading now (also called at the end of each level: a level can be shorter than the period)."""
+        try:
+            tree = [self.process, *self.process.children(recursive=True)]
+            rss = sum(p.memory_info().rss for p in tree if p.is_running())
+        except psutil.Error:
+            return
+        self.peak_mib = max(self.peak_mib, rss / 2**20)
 
     def reset(self) -> None:
         self.peak_mib = 0.0
@@ -180,6 +187,7 @@ async def measure_level(
     memory.reset()
     load_before = os.getloadavg()[0]
     result: LoadResult = await run_closed_loop(one, concurrency, requests_for(concurrency, args))
+    memory.sample()
     load_average = max(load_before, os.getloadavg()[0])
     print(f"{label:<28} {describe(result)} load {load_average:.1f}", flush=True)
     return {**result.as_dict(), "peak_rss_mib": memory.peak_mib, "load_average": load_average}
@@ -242,12 +250,16 @@ def default_model() -> str:
 
 
 async def main_async(args: argparse.Namespace) -> int:
+    # SIGTERM (a time limit, a CI cancel) unwinds like Ctrl-C: the servers' process groups are stopped.
+    main_task = asyncio.current_task()
+    if main_task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     if args.from_json:
         result = json.loads(args.from_json.read_text())
         result["settings"]["notes"] = [*result["settings"].get("notes", []), *args.note]
         print_table(result["results"], [int(c) for c in result["settings"]["concurrency"]])
         if args.write_readme:
-            write_readme_outputs(result, result["results"], result["title"])
+            write_readme_outputs(result, result["results"], result["title"], args)
         return 0
     model_path = args.model or default_model()
     prompt = (PROMPT_WORD * max(1, args.prompt_words // len(PROMPT_WORD.split())))[: args.prompt_words * 8]
@@ -298,7 +310,7 @@ async def main_async(args: argparse.Namespace) -> int:
     plot(report, args.out_dir / "bench.png", title)
     print(f"\nwrote {args.out_dir / 'bench.json'} and {args.out_dir / 'bench.png'}")
     if args.write_readme:
-        write_readme_outputs(result, report, title)
+        write_readme_outputs(result, report, title, args)
     return 0
 
 
@@ -378,14 +390,34 @@ def transformers_version(python: str) -> str:
     return completed.stdout.strip() or "(unknown version)"
 
 
-def write_readme_outputs(result: dict[str, Any], report: dict[str, list[dict]], title: str) -> None:
-    """The README's performance section and docs/bench-cpu.png (the engine figures too, if present)."""
-    engine_file = ROOT / "bench-results" / "bench_engine.json"
-    engine_result = json.loads(engine_file.read_text()) if engine_file.exists() else None
-    write_readme_section(ROOT / "README.md", readme_section(result, engine_result))
+def readme_target(settings: dict[str, Any], section: str | None) -> tuple[str, str]:
+    """(section name, plot path in the repo) for --write-readme: the CPU run is `performance` with
+    docs/bench-cpu.png; a run on another device gets its own section per model, after that one."""
+    if section is None:
+        if settings["device"] == "cpu":
+            section = "performance"
+        else:
+            section = "performance-gpu-" + re.sub(r"[^a-z0-9]+", "-", str(settings["model"]).lower()).strip("-")
+    image = (
+        "docs/bench-cpu.png" if section == "performance" else f"docs/bench-{section.removeprefix('performance-')}.png"
+    )
+    return section, image
+
+
+def write_readme_outputs(
+    result: dict[str, Any], report: dict[str, list[dict]], title: str, args: argparse.Namespace
+) -> None:
+    """A performance section of the README and its plot (with the engine figures when --engine-json
+    names them; for the CPU section, bench-results/bench_engine.json if present)."""
+    section, image = readme_target(result["settings"], args.readme_section)
+    engine_file = args.engine_json
+    if engine_file is None and section == "performance":
+        engine_file = ROOT / "bench-results" / "bench_engine.json"
+    engine_result = json.loads(engine_file.read_text()) if engine_file and engine_file.exists() else None
+    write_readme_section(ROOT / "README.md", readme_section(result, engine_result, image), section)
     (ROOT / "docs").mkdir(exist_ok=True)
-    plot(report, ROOT / "docs" / "bench-cpu.png", title)
-    print(f"wrote the performance section of {ROOT / 'README.md'} and {ROOT / 'docs' / 'bench-cpu.png'}")
+    plot(report, ROOT / image, title)
+    print(f"wrote the {section} section of {ROOT / 'README.md'} and {ROOT / image}")
 
 
 def parse_args() -> argparse.Namespace:
@@ -418,8 +450,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--from-json", type=Path, help="no runs: print (and --write-readme) a saved bench.json")
     parser.add_argument("--note", action="append", default=[], help="a line for the README section; repeatable")
     parser.add_argument(
-        "--write-readme", action="store_true", help="render the results into README.md and docs/bench-cpu.png"
+        "--write-readme", action="store_true", help="render the results into README.md and a plot under docs/"
     )
+    parser.add_argument(
+        "--readme-section",
+        help="README section to write (default: `performance` for a CPU run, else performance-gpu-<model>)",
+    )
+    parser.add_argument("--engine-json", type=Path, help="bench_engine.py result to add to the README section")
     args = parser.parse_args()
     if min(args.concurrency) < 1 or args.output_len < 1 or args.rounds < 1 or args.rounds_at_64 < 0:
         parser.error("--concurrency, --output-len and --rounds must be at least 1")

@@ -17,12 +17,14 @@ from typing import Any
 
 Report = dict[str, list[dict[str, Any]]]
 
-README_START, README_END = "<!-- performance:start -->", "<!-- performance:end -->"
+README_END = "<!-- performance:end -->"  # the CPU run's section ends here; others follow it
 # The issue's targets, checked in the README section (ratios measured in one run).
 TARGET_THROUGHPUT_AT_16 = 5.0
 TARGET_THROUGHPUT_AT_1 = 2.0
 TARGET_TTFT_FRACTION_AT_16 = 1 / 3
 TARGET_TRANSLATOR_EFFICIENCY_AT_16 = 0.9
+# On a GPU: throughput at 64 streams against transformers serve --continuous-batching.
+TARGET_GPU_THROUGHPUT_AT_64 = 2.0
 
 
 def row_at(rows: list[dict[str, Any]], concurrency: int) -> dict[str, Any] | None:
@@ -151,13 +153,28 @@ def describe_machine() -> str:
         memory = f", {int(match.group(1)) / 2**20:.0f} GiB RAM" if match else ""
     except OSError:
         pass
+    accelerator = _describe_accelerator()
     versions = []
     for module in ("torch", "transformers"):
         try:
             versions.append(f"{module} {__import__(module).__version__}")
         except ImportError:
             pass
-    return f"{cpu}, {os.cpu_count()} cores{memory}; {', '.join(versions)}; Python {platform.python_version()}"
+    return (
+        f"{accelerator}{cpu}, {os.cpu_count()} cores{memory}; {', '.join(versions)}; Python {platform.python_version()}"
+    )
+
+
+def _describe_accelerator() -> str:
+    """ "NVIDIA H100 80GB HBM3 (79 GiB), CUDA 13.0; " when torch sees a GPU, else ""."""
+    try:
+        import torch
+    except ImportError:
+        return ""
+    if not torch.cuda.is_available():
+        return ""
+    properties = torch.cuda.get_device_properties(0)
+    return f"{properties.name} ({properties.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}; "
 
 
 def _verdict(value: float | None, target: float, higher_is_better: bool) -> str:
@@ -167,8 +184,11 @@ def _verdict(value: float | None, target: float, higher_is_better: bool) -> str:
     return f"{value:.2f} ({'met' if met else 'missed'})"
 
 
-def readme_section(result: dict[str, Any], engine_result: dict[str, Any] | None = None) -> str:
-    """The Markdown between the performance markers: setup, results, ratios, targets, notes."""
+def readme_section(
+    result: dict[str, Any], engine_result: dict[str, Any] | None = None, image: str = "docs/bench-cpu.png"
+) -> str:
+    """The Markdown between a performance section's markers: setup, results, ratios, targets, notes.
+    The targets are the CPU's, or the GPU's when the run was on another device."""
     report: Report = result["results"]
     settings = result["settings"]
     concurrencies = [int(c) for c in settings["concurrency"]]
@@ -183,7 +203,7 @@ def readme_section(result: dict[str, Any], engine_result: dict[str, Any] | None 
         f"same cores. {_schedule_sentence(settings)} `load` is the 1-minute load average during the level "
         "(other work on the machine shows there).",
         "",
-        "![throughput and TTFT against concurrency](docs/bench-cpu.png)",
+        f"![throughput and TTFT against concurrency]({image})",
         "",
         "| server | streams | output tok/s | req/s | TTFT p50 | TTFT p90 | ITL p50 | ITL p90 | peak RSS | tok/req "
         "| load |",
@@ -213,10 +233,25 @@ def readme_section(result: dict[str, Any], engine_result: dict[str, Any] | None 
         for row in ratios:
             cells = [_format_ratio_value(row[key]) if key in row else "-" for key in keys]
             lines.append(f"| {row['concurrency']} | " + " | ".join(cells) + " |")
-    by_concurrency = {row["concurrency"]: row for row in ratios}
-    at_16, at_1 = by_concurrency.get(16, {}), by_concurrency.get(1, {})
-    lines += [
-        "",
+    lines += ["", _targets_sentence(settings, {row["concurrency"]: row for row in ratios})]
+    if engine_result:
+        lines += ["", f"Engine alone (`scripts/bench_engine.py`): {engine_result['summary']}"]
+    notes = [note for note in settings.get("notes", []) if note]
+    if notes:
+        lines += ["", *[f"- {note}" for note in notes]]
+    return "\n".join(lines)
+
+
+def _targets_sentence(settings: dict[str, Any], by_concurrency: dict[int, dict[str, Any]]) -> str:
+    """The issue's targets with the measured ratios: the CPU's four, or the GPU's one."""
+    at_64, at_16, at_1 = (by_concurrency.get(level, {}) for level in (64, 16, 1))
+    if settings.get("device", "cpu") != "cpu":
+        return (
+            "Target (issue: ratio in one run): throughput at 64 streams >= "
+            f"{TARGET_GPU_THROUGHPUT_AT_64:.0f}x transformers serve --continuous-batching: "
+            f"{_verdict(at_64.get('throughput_x'), TARGET_GPU_THROUGHPUT_AT_64, True)}."
+        )
+    return (
         "Targets (issue: ratios in one run): "
         f"throughput at 16 streams >= {TARGET_THROUGHPUT_AT_16:.0f}x: "
         f"{_verdict(at_16.get('throughput_x'), TARGET_THROUGHPUT_AT_16, True)}; "
@@ -224,14 +259,8 @@ def readme_section(result: dict[str, Any], engine_result: dict[str, Any] | None 
         f"throughput at 1 stream >= {TARGET_THROUGHPUT_AT_1:.0f}x: "
         f"{_verdict(at_1.get('throughput_x'), TARGET_THROUGHPUT_AT_1, True)}; "
         f"REST >= 90% of gRPC at 16: "
-        f"{_verdict(at_16.get('translator_efficiency'), TARGET_TRANSLATOR_EFFICIENCY_AT_16, True)}.",
-    ]
-    if engine_result:
-        lines += ["", f"Engine alone (`scripts/bench_engine.py`): {engine_result['summary']}"]
-    notes = [note for note in settings.get("notes", []) if note]
-    if notes:
-        lines += ["", *[f"- {note}" for note in notes]]
-    return "\n".join(lines)
+        f"{_verdict(at_16.get('translator_efficiency'), TARGET_TRANSLATOR_EFFICIENCY_AT_16, True)}."
+    )
 
 
 def _schedule_sentence(settings: dict[str, Any]) -> str:
@@ -253,13 +282,27 @@ def _schedule_sentence(settings: dict[str, Any]) -> str:
     return schedule
 
 
-def write_readme_section(readme: Path, section: str) -> None:
-    """Replace what sits between the performance markers (and nothing else)."""
+def section_markers(name: str) -> tuple[str, str]:
+    """The comment lines around a generated section: `performance` is the CPU run's."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def write_readme_section(readme: Path, section: str, name: str = "performance") -> None:
+    """Replace what sits between the markers of section `name` (and nothing else). A section other
+    than `performance` that the README lacks yet is added right after the `performance` section."""
     text = readme.read_text()
-    start, end = text.find(README_START), text.find(README_END)
+    start_marker, end_marker = section_markers(name)
+    start, end = text.find(start_marker), text.find(end_marker)
+    if start < 0 and end < 0 and name != "performance":
+        anchor = text.find(README_END)
+        if anchor < 0:
+            raise ValueError(f"{readme} has no {README_END} to add the {name} section after")
+        anchor += len(README_END)
+        text = text[:anchor] + f"\n\n{start_marker}\n{end_marker}" + text[anchor:]
+        start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} section")
-    readme.write_text(text[: start + len(README_START)] + "\n" + section + "\n" + text[end:])
+        raise ValueError(f"{readme} has no {start_marker} ... {end_marker} section")
+    readme.write_text(text[: start + len(start_marker)] + "\n" + section + "\n" + text[end:])
 
 
 def today() -> str:

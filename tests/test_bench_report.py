@@ -106,3 +106,70 @@ def test_readme_section_names_the_schedule_and_the_repeats(bench_report: ModuleT
     assert "| 16 | 5.56 | 5.00/6.00 |" in section
     sequential = bench_report.readme_section({**result, "settings": {**settings, "interleave": False, "repeats": 1}})
     assert "one after the other" in sequential and "times per driver" not in sequential
+
+
+def gpu_result(bench_report: ModuleType) -> dict[str, Any]:
+    rows = {
+        "transformers/rest": [{**level(1000, 0.5), "concurrency": 64}],
+        "protoserve/rest": [{**level(2500, 0.1), "concurrency": 64}],
+    }
+    settings = {
+        "model": "Llama-1B_random",
+        "dtype": "bfloat16",
+        "device": "cuda",
+        "concurrency": [64],
+        "output_len": 64,
+        "prompt_tokens": 76,
+        "rounds": 2,
+        "min_requests": 4,
+        "protoserve_flags": "",
+        "transformers_version": "5.17.0",
+        "repeats": 1,
+        "interleave": False,
+    }
+    return {"date": "today", "machine": "NVIDIA H100 (79 GiB), CUDA 13.0; here", "settings": settings, "results": rows}
+
+
+def test_a_gpu_section_checks_the_gpu_target_and_names_its_own_plot(bench_report: ModuleType) -> None:
+    section = bench_report.readme_section(gpu_result(bench_report), image="docs/bench-gpu-llama-1b-random.png")
+    assert "throughput at 64 streams >= 2x transformers serve --continuous-batching: 2.50 (met)" in section
+    assert "at 16 streams" not in section
+    assert "(docs/bench-gpu-llama-1b-random.png)" in section and "NVIDIA H100" in section
+
+
+def test_a_new_section_goes_after_the_cpu_one_and_is_replaced_alone(bench_report: ModuleType, tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    cpu_section = "<!-- performance:start -->\ncpu table\n<!-- performance:end -->"
+    readme.write_text(f"# x\n\n## Performance\n\n{cpu_section}\n\n## Reliability\n")
+    bench_report.write_readme_section(readme, "gpu table 1", "performance-gpu-m")
+    bench_report.write_readme_section(readme, "gpu table 2", "performance-gpu-m")
+    text = readme.read_text()
+    assert text == (
+        f"# x\n\n## Performance\n\n{cpu_section}\n\n<!-- performance-gpu-m:start -->\ngpu table 2\n"
+        "<!-- performance-gpu-m:end -->\n\n## Reliability\n"
+    )
+    bench_report.write_readme_section(readme, "cpu table 2")
+    assert "cpu table 2" in readme.read_text() and "gpu table 2" in readme.read_text()
+    other = tmp_path / "other.md"
+    other.write_text("# nothing\n")
+    with pytest.raises(ValueError, match="no <!-- performance:start -->"):
+        bench_report.write_readme_section(other, "x")
+    with pytest.raises(ValueError, match="to add the performance-gpu-m section after"):
+        bench_report.write_readme_section(other, "x", "performance-gpu-m")
+
+
+def test_bench_picks_the_section_and_plot_by_device() -> None:
+    spec = importlib.util.spec_from_file_location("bench_under_test", SCRIPT.parent / "bench.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    assert bench.readme_target({"device": "cpu", "model": "m"}, None) == ("performance", "docs/bench-cpu.png")
+    assert bench.readme_target({"device": "cuda", "model": "Llama-1B_random"}, None) == (
+        "performance-gpu-llama-1b-random",
+        "docs/bench-gpu-llama-1b-random.png",
+    )
+    assert bench.readme_target({"device": "cuda", "model": "m"}, "performance-h100") == (
+        "performance-h100",
+        "docs/bench-h100.png",
+    )
