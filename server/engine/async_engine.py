@@ -3,8 +3,9 @@
 Callers on the event loop hand requests and aborts to the engine thread through pending lists
 guarded by a lock; the thread sleeps on a condition while there is no work, and otherwise runs
 `LLMEngine.step()` and pushes each output into its request's queue with
-`loop.call_soon_threadsafe`. Cancelling or closing a `generate()` iterator aborts the request
-(vLLM's AsyncLLM pattern).
+`loop.call_soon_threadsafe`. A caller that fell behind gets the outputs waiting in its queue as
+one merged output (output_merging.py), so its lag does not grow with every step. Cancelling or
+closing a `generate()` iterator aborts the request (vLLM's AsyncLLM pattern).
 
 A step that raises fails only the requests scheduled in it (`RequestFailedError`, blocks freed);
 after `MAX_CONSECUTIVE_STEP_FAILURES` failing steps in a row the engine is dead: every request
@@ -25,6 +26,7 @@ from protoserve.server.engine.api import EngineConfig, EngineRequest, EngineStat
 from protoserve.server.engine.engine import LLMEngine
 from protoserve.server.engine.errors import EngineDeadError, EngineError, InvalidRequestError, RequestFailedError
 from protoserve.server.engine.loader import LoadedModel
+from protoserve.server.engine.output_merging import merge_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +90,19 @@ class AsyncEngine:
             self._pending_adds.append((request, stream))
             self._condition.notify()
         try:
+            held: RequestOutput | BaseException | None = None  # taken from the queue, not yet handed over
             while True:
-                item = await stream.queue.get()
+                item = held if held is not None else await stream.queue.get()
+                held = None
                 if isinstance(item, BaseException):
                     raise item
+                # Outputs that queued up while the caller was busy go out as one (output_merging).
+                while not item.finished and not stream.queue.empty():
+                    following = stream.queue.get_nowait()
+                    if isinstance(following, BaseException):
+                        held = following
+                        break
+                    item = merge_outputs(item, following)
                 yield item
                 if item.finished:
                     return

@@ -195,6 +195,41 @@ async def test_one_wake_up_per_loop_per_step_and_streams_on_other_loops(llama, m
         tokens = [token for output in outputs for delta in output.deltas for token in delta.token_ids]
         assert tokens == reference_greedy(llama, prompt, 6)
         assert outputs[-1].finished
-    # Three streams here, six tokens each: one wake-up per step that touched them, not one per output.
-    outputs_here = sum(len(outputs) for outputs in local_streams)
-    assert len(scheduled) < outputs_here
+    # Three streams here, six tokens each, one engine output per token: one wake-up per step that
+    # touched them, not one per output (counted in tokens: a stream that lagged got merged outputs).
+    tokens_here = sum(
+        len(delta.token_ids) for outputs in local_streams for output in outputs for delta in output.deltas
+    )
+    assert tokens_here == 18 and len(scheduled) < tokens_here
+
+
+async def test_a_caller_that_falls_behind_gets_the_queued_outputs_as_one(llama, make_async_engine) -> None:
+    engine = make_async_engine()
+    prompt = random_prompts(1, 4, 5, seed=23)[0]
+    stream = engine.generate(EngineRequest("slow", tuple(prompt), greedy(12, ignore_eos=True)))
+    first = await stream.__anext__()
+    # The caller is busy while the engine finishes the request: eleven outputs wait in its queue.
+    await wait_until(lambda: engine.stats().running_requests == 0)
+    rest = [output async for output in stream]
+    assert len(rest) == 1 and rest[0].finished and rest[0].usage is not None
+    assert rest[0].deltas[0].finish_reason.value == "length"
+    tokens = [token for output in (first, *rest) for delta in output.deltas for token in delta.token_ids]
+    assert tokens == reference_greedy(llama, prompt, 12)
+
+
+async def test_an_error_behind_queued_outputs_comes_after_them(llama, make_async_engine) -> None:
+    engine = make_async_engine()
+    prompt = random_prompts(1, 4, 5, seed=24)[0]
+    stream = engine.generate(EngineRequest("doomed", tuple(prompt), greedy(100, ignore_eos=True)))
+    first = await stream.__anext__()
+    steps = engine.stats().steps
+    await wait_until(lambda: engine.stats().steps >= steps + 4)
+    engine.inject_step_fault(lambda: (_ for _ in ()).throw(RuntimeError("injected")))
+    await wait_until(lambda: engine.stats().running_requests == 0)
+    engine.inject_step_fault(None)
+    merged = await stream.__anext__()
+    with pytest.raises(RequestFailedError, match="RuntimeError"):
+        await stream.__anext__()
+    tokens = [token for output in (first, merged) for delta in output.deltas for token in delta.token_ids]
+    assert len(tokens) >= 5 and not merged.finished
+    assert tokens == reference_greedy(llama, prompt, len(tokens))

@@ -1,0 +1,60 @@
+"""merge_outputs: two consecutive outputs of one request say the same as one."""
+
+from __future__ import annotations
+
+import pytest
+from protoserve.server.engine.api import CompletionDelta, FinishReason, RequestOutput, TokenLogprob, TopToken, Usage
+from protoserve.server.engine.output_merging import merge_outputs
+
+
+def logprob(token_id: int) -> TokenLogprob:
+    return TokenLogprob(token_id, -0.5, (TopToken(token_id, -0.5), TopToken(7, -1.5)))
+
+
+def test_texts_tokens_and_logprobs_are_joined_per_choice() -> None:
+    earlier = RequestOutput(
+        "r",
+        (
+            CompletionDelta(0, "Hel", (1,), (logprob(1),)),
+            CompletionDelta(1, "Wo", (4,), (logprob(4),)),
+        ),
+    )
+    later = RequestOutput(
+        "r",
+        (
+            CompletionDelta(1, "rld", (5, 6), (logprob(5), logprob(6)), FinishReason.STOP, "!"),
+            CompletionDelta(0, "lo", (2,), (logprob(2),)),
+        ),
+        finished=False,
+    )
+    merged = merge_outputs(earlier, later)
+    assert merged.request_id == "r" and not merged.finished and merged.usage is None
+    first, second = merged.deltas
+    assert (first.index, first.text, first.token_ids, first.finish_reason) == (0, "Hello", (1, 2), None)
+    assert [entry.token_id for entry in first.logprobs or ()] == [1, 2]
+    assert (second.index, second.text, second.token_ids) == (1, "World", (4, 5, 6))
+    assert (second.finish_reason, second.stop_reason) == (FinishReason.STOP, "!")
+    assert [entry.token_id for entry in second.logprobs or ()] == [4, 5, 6]
+
+
+def test_the_later_output_finishes_and_carries_the_usage() -> None:
+    earlier = RequestOutput("r", (CompletionDelta(0, "a", (1,)),))
+    later = RequestOutput("r", (CompletionDelta(0, "", (2,), None, FinishReason.LENGTH),), True, Usage(3, 2))
+    merged = merge_outputs(earlier, later)
+    assert merged.finished and merged.usage == Usage(3, 2)
+    assert merged.deltas == (CompletionDelta(0, "a", (1, 2), None, FinishReason.LENGTH),)
+
+
+def test_a_choice_new_in_the_later_output_and_logprobs_missing_on_one_side() -> None:
+    earlier = RequestOutput("r", (CompletionDelta(0, "a", (1,), ()),))
+    later = RequestOutput("r", (CompletionDelta(0, "", (2,), None, FinishReason.STOP), CompletionDelta(1, "b", (3,))))
+    merged = merge_outputs(earlier, later)
+    assert merged.deltas[0].logprobs == () and merged.deltas[0].token_ids == (1, 2)
+    assert merged.deltas[1] == CompletionDelta(1, "b", (3,))
+
+
+def test_outputs_of_two_requests_or_after_the_end_are_refused() -> None:
+    with pytest.raises(ValueError, match="two requests"):
+        merge_outputs(RequestOutput("a", ()), RequestOutput("b", ()))
+    with pytest.raises(ValueError, match="has finished"):
+        merge_outputs(RequestOutput("a", (), finished=True), RequestOutput("a", ()))
