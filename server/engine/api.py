@@ -146,12 +146,23 @@ class Usage:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """One message of a request's output stream. `usage` is set only when `finished`."""
+    """One message of a request's output stream. `usage` is set only when `finished`.
+
+    A caller that fell behind may get several steps' outputs merged into one (output_merging.py):
+    `deltas` then hold the joined texts and tokens, and `parts` the merged outputs themselves, in
+    order, for a consumer that must see each step's text with its own token count (the reasoning
+    token count). `parts` is empty for an output that is not a merge."""
 
     request_id: str
     deltas: tuple[CompletionDelta, ...]
     finished: bool = False
     usage: Usage | None = None
+    parts: tuple[RequestOutput, ...] = ()
+
+    @property
+    def steps(self) -> tuple[RequestOutput, ...]:
+        """The outputs of single steps this one stands for: its `parts`, or itself."""
+        return self.parts or (self,)
 
 
 @dataclass(frozen=True)

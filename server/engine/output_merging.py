@@ -7,7 +7,8 @@ would only grow. `merge_outputs` joins two consecutive outputs of one request in
 that says the same: per choice, the texts and token ids are concatenated (logprobs too), and the
 finish reason, stop reason, `finished` and usage are the later output's. Nothing is lost or
 reordered, so a consumer sees the same tokens and text in fewer, larger pieces (vLLM's output
-collector does the same).
+collector does the same). The merged output keeps the single-step outputs as its `parts`, for a
+consumer that parses text step by step (the gRPC servicer counts reasoning tokens per step).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput
         deltas=tuple(deltas.values()),
         finished=later.finished,
         usage=later.usage,
+        parts=earlier.steps + later.steps,
     )
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import grpc.aio
-from protoserve.server.chat.composer import ChoiceComposer
+from protoserve.server.chat.composer import ChoiceComposer, ComposedText
 from protoserve.server.chat.parsing_hooks import ChatParsing, default_chat_parsing
 from protoserve.server.chat.prompt import prepare_chat_prompt
 from protoserve.server.convert import (
@@ -319,17 +319,26 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 chunk = generation_pb2.GenerationChunk()
                 chunk.CopyFrom(header)
                 failed = False
+                # A merged output (the caller fell behind) is parsed step by step, so that each
+                # step's text keeps its own token count, then sent as one chunk.
+                composed_by_index: dict[int, ComposedText] = {}
+                for step in output.steps:
+                    for delta in step.deltas:
+                        composer = composers.get(delta.index)
+                        if composer is None:
+                            composer = composers[delta.index] = prepared.new_composer()
+                        composed = composer.feed(delta.text, len(delta.token_ids))
+                        if delta.finish_reason is not None:
+                            composed.extend(composer.finish())
+                        composed_by_index.setdefault(delta.index, ComposedText()).extend(composed)
                 for delta in output.deltas:
-                    composer = composers.get(delta.index)
-                    if composer is None:
-                        composer = composers[delta.index] = prepared.new_composer()
-                    composed = composer.feed(delta.text, len(delta.token_ids))
-                    if delta.finish_reason is not None:
-                        composed.extend(composer.finish())
-                        failed = failed or delta.finish_reason is FinishReason.ERROR
+                    failed = failed or delta.finish_reason is FinishReason.ERROR
                     chunk.choices.append(
                         choice_delta_to_proto(
-                            delta, composed, called_tools=composer.called_tools, token_text=token_text
+                            delta,
+                            composed_by_index[delta.index],
+                            called_tools=composers[delta.index].called_tools,
+                            token_text=token_text,
                         )
                     )
                 if any(delta.token_ids for delta in output.deltas):

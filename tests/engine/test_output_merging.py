@@ -58,3 +58,11 @@ def test_outputs_of_two_requests_or_after_the_end_are_refused() -> None:
         merge_outputs(RequestOutput("a", ()), RequestOutput("b", ()))
     with pytest.raises(ValueError, match="has finished"):
         merge_outputs(RequestOutput("a", (), finished=True), RequestOutput("a", ()))
+
+
+def test_the_single_step_outputs_stay_as_parts_in_order() -> None:
+    outputs = [RequestOutput("r", (CompletionDelta(0, text, (number,)),)) for number, text in enumerate("abc")]
+    merged = merge_outputs(merge_outputs(outputs[0], outputs[1]), outputs[2])
+    assert merged.parts == tuple(outputs) and merged.steps == tuple(outputs)
+    assert outputs[0].steps == (outputs[0],) and outputs[0].parts == ()
+    assert merged.deltas == (CompletionDelta(0, "abc", (0, 1, 2)),)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from google.protobuf import struct_pb2
 from PIL import Image
+from protoserve.server.engine.output_merging import merge_outputs
 from protoserve.v1 import common_pb2
 from protoserve.v1 import generation_pb2 as pb
 
@@ -196,6 +197,38 @@ async def test_reasoning_is_split_from_the_answer() -> None:
         len(tokenizer.encode(piece, add_special_tokens=False)) for piece in ["Let me", " think", "</think>"]
     )
     assert result.usage.reasoning_tokens == thinking_tokens
+
+
+async def test_a_merged_output_counts_reasoning_tokens_step_by_step() -> None:
+    """A caller that fell behind gets several steps as one output (output_merging): the answer, the
+    reasoning and the reasoning token count are the same as step by step, in fewer chunks."""
+    pieces = ["Let me", " think", "</think>", "Paris", "."]
+    script = text_script([pieces])
+
+    def merged_after_the_first(request: Any) -> list[Any]:
+        first, *rest = script(request)
+        merged = rest[0]
+        for output in rest[1:]:
+            merged = merge_outputs(merged, output)
+        return [first, merged]
+
+    engine = FakeEngine(script=merged_after_the_first)
+    running = await start_server(engine)
+    try:
+        request = pb.ChatRequest(messages=[user("capital?")])
+        request.chat_template_kwargs.update({"enable_thinking": True})
+        chunks = [chunk async for chunk in running.stub.Chat(request)]
+    finally:
+        await stop_server(running)
+    choices = [choice for chunk in chunks for choice in chunk.choices]
+    assert len(choices) == 2
+    assert "".join(c.reasoning_text for c in choices) == "Let me think"
+    assert "".join(c.text for c in choices) == "Paris."
+    tokenizer = tiny_tokenizer()
+    thinking_tokens = sum(len(tokenizer.encode(piece, add_special_tokens=False)) for piece in pieces[:3])
+    answer_tokens = sum(len(tokenizer.encode(piece, add_special_tokens=False)) for piece in pieces[3:])
+    assert chunks[-1].usage.reasoning_tokens == thinking_tokens
+    assert chunks[-1].usage.completion_tokens == thinking_tokens + answer_tokens
 
 
 async def test_without_thinking_the_answer_is_plain_text() -> None:
