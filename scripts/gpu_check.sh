@@ -89,7 +89,11 @@ EOF
 }
 
 step install install_kit || { echo "the kit does not install; nothing else can run" | tee -a "$SUMMARY"; exit 1; }
-site=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_path('purelib', vars={'base': '$WORK/prefix', 'platbase': '$WORK/prefix'}))")
+# The prefix's site folders (pure and platform-specific, one folder on most systems), first on the path.
+site=$("$PYTHON" -c "
+import sysconfig
+paths = {'base': '$WORK/prefix', 'platbase': '$WORK/prefix'}
+print(':'.join(dict.fromkeys(sysconfig.get_path(name, vars=paths) for name in ('purelib', 'platlib'))))")
 export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 export PATH=$WORK/prefix/bin:$PATH
 step environment describe_environment

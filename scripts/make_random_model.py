@@ -78,7 +78,7 @@ def make_random_model(source: Path, shape: str, dtype: str, out: Path, device: s
         raise ValueError(f"unknown dtype {dtype!r}; use one of {DTYPES}")
     out.mkdir(parents=True, exist_ok=True)
     config_dict = shaped_config(source, shape)
-    config_dict["torch_dtype"] = dtype
+    config_dict["dtype"] = dtype
     (out / "config.json").write_text(json.dumps(config_dict, indent=2))
     config = AutoConfig.from_pretrained(out)
     torch.manual_seed(seed)
