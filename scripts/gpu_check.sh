@@ -19,7 +19,8 @@
 # section from it with `python scripts/bench.py --from-json .../bench.json --write-readme`.
 #
 #   bash scripts/gpu_check.sh                                   # on the GPU machine
-#   DEVICE=cpu DTYPE=float32 SHAPES=tiny CONCURRENCY="1 4" bash scripts/gpu_check.sh   # a dry run
+#   PYTHON=.venv/bin/python DEVICE=cpu DTYPE=float32 SHAPES=tiny CONCURRENCY="1 4" bash scripts/gpu_check.sh  # dry run
+#       (with a kit for that Python: KIT_PYTHON_VERSION=3.11 make gpu-kit)
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
