@@ -97,12 +97,14 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     raise item
                 # Outputs that queued up while the caller was busy go out as one (output_merging).
-                while not item.finished and not stream.queue.empty():
+                queued = [item]
+                while not queued[-1].finished and not stream.queue.empty():
                     following = stream.queue.get_nowait()
                     if isinstance(following, BaseException):
                         held = following
                         break
-                    item = merge_outputs(item, following)
+                    queued.append(following)
+                item = merge_outputs(queued)
                 yield item
                 if item.finished:
                     return

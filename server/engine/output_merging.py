@@ -3,49 +3,83 @@
 The engine emits one `RequestOutput` per request per step. When the consumer (a gRPC stream, the
 event loop that serves it) is slower than the steps, outputs wait in the request's queue; handing
 them over one by one would make every later step cost the consumer as much again, and its lag
-would only grow. `merge_outputs` joins two consecutive outputs of one request into the one output
-that says the same: per choice, the texts and token ids are concatenated (logprobs too), and the
-finish reason, stop reason, `finished` and usage are the later output's. Nothing is lost or
-reordered, so a consumer sees the same tokens and text in fewer, larger pieces (vLLM's output
-collector does the same). The merged output keeps the single-step outputs as its `parts`, for a
-consumer that parses text step by step (the gRPC servicer counts reasoning tokens per step).
+would only grow. `merge_outputs` joins consecutive outputs of one request into the one output
+that says the same: per choice, the texts and token ids are concatenated (logprobs too), the
+finish and stop reasons are the last ones given, and `finished` and usage are the last output's.
+Nothing is lost or reordered, so a consumer sees the same tokens and text in fewer, larger pieces
+(vLLM's output collector does the same). The merged output keeps the single-step outputs as its
+`parts`, for a consumer that parses text step by step (the gRPC servicer counts reasoning tokens
+per step). The work is linear in what is merged, however far behind the consumer is.
 """
 
 from __future__ import annotations
 
-from protoserve.server.engine.api import CompletionDelta, RequestOutput
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from protoserve.server.engine.api import CompletionDelta, FinishReason, RequestOutput, TokenLogprob
 
 
-def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
-    """`earlier` followed by `later`, as one output. Both belong to one request and `earlier` is
-    not finished (nothing follows a finished output)."""
-    if earlier.request_id != later.request_id:
-        raise ValueError(f"outputs of two requests ({earlier.request_id!r}, {later.request_id!r}) cannot be merged")
-    if earlier.finished:
-        raise ValueError(f"request {earlier.request_id!r} has finished; no output follows it")
-    deltas = {delta.index: delta for delta in earlier.deltas}
-    for delta in later.deltas:
-        before = deltas.get(delta.index)
-        deltas[delta.index] = delta if before is None else _merge_deltas(before, delta)
+@dataclass
+class _ChoicePieces:
+    """One choice's pieces, gathered in order and joined once."""
+
+    index: int
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # None while no delta carried logprobs
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, delta: CompletionDelta) -> None:
+        self.texts.append(delta.text)
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+        if delta.stop_reason is not None:
+            self.stop_reason = delta.stop_reason
+
+    def joined(self) -> CompletionDelta:
+        return CompletionDelta(
+            index=self.index,
+            text="".join(self.texts),
+            token_ids=tuple(self.token_ids),
+            logprobs=tuple(self.logprobs) if self.logprobs is not None else None,
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
+        )
+
+
+def merge_outputs(outputs: Sequence[RequestOutput]) -> RequestOutput:
+    """`outputs`, consecutive outputs of one request in order, as one output. Only the last may be
+    finished (nothing follows a finished output). One output is returned as it is."""
+    if not outputs:
+        raise ValueError("there is nothing to merge")
+    if len(outputs) == 1:
+        return outputs[0]
+    request_id = outputs[0].request_id
+    choices: dict[int, _ChoicePieces] = {}
+    steps: list[RequestOutput] = []
+    for position, output in enumerate(outputs):
+        if output.request_id != request_id:
+            raise ValueError(f"outputs of two requests ({request_id!r}, {output.request_id!r}) cannot be merged")
+        if output.finished and position != len(outputs) - 1:
+            raise ValueError(f"request {request_id!r} has finished; no output follows it")
+        steps.extend(output.steps)
+        for delta in output.deltas:
+            pieces = choices.get(delta.index)
+            if pieces is None:
+                pieces = choices[delta.index] = _ChoicePieces(delta.index)
+            pieces.add(delta)
+    last = outputs[-1]
     return RequestOutput(
-        request_id=earlier.request_id,
-        deltas=tuple(deltas.values()),
-        finished=later.finished,
-        usage=later.usage,
-        parts=earlier.steps + later.steps,
-    )
-
-
-def _merge_deltas(earlier: CompletionDelta, later: CompletionDelta) -> CompletionDelta:
-    if earlier.logprobs is None and later.logprobs is None:
-        logprobs = None
-    else:
-        logprobs = (earlier.logprobs or ()) + (later.logprobs or ())
-    return CompletionDelta(
-        index=earlier.index,
-        text=earlier.text + later.text,
-        token_ids=earlier.token_ids + later.token_ids,
-        logprobs=logprobs,
-        finish_reason=later.finish_reason if later.finish_reason is not None else earlier.finish_reason,
-        stop_reason=later.stop_reason if later.stop_reason is not None else earlier.stop_reason,
+        request_id=request_id,
+        deltas=tuple(pieces.joined() for pieces in choices.values()),
+        finished=last.finished,
+        usage=last.usage,
+        parts=tuple(steps),
     )

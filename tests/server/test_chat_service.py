@@ -207,10 +207,7 @@ async def test_a_merged_output_counts_reasoning_tokens_step_by_step() -> None:
 
     def merged_after_the_first(request: Any) -> list[Any]:
         first, *rest = script(request)
-        merged = rest[0]
-        for output in rest[1:]:
-            merged = merge_outputs(merged, output)
-        return [first, merged]
+        return [first, merge_outputs(rest)]
 
     engine = FakeEngine(script=merged_after_the_first)
     running = await start_server(engine)
