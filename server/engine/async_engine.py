@@ -90,7 +90,7 @@ class AsyncEngine:
             self._pending_adds.append((request, stream))
             self._condition.notify()
         try:
-            held: RequestOutput | BaseException | None = None  # taken from the queue, not yet handed over
+            held: BaseException | None = None  # an error taken from the queue behind outputs, raised next
             while True:
                 item = held if held is not None else await stream.queue.get()
                 held = None
