@@ -330,7 +330,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                         composed = composer.feed(delta.text, len(delta.token_ids))
                         if delta.finish_reason is not None:
                             composed.extend(composer.finish())
-                        composed_by_index.setdefault(delta.index, ComposedText()).extend(composed)
+                        earlier = composed_by_index.get(delta.index)
+                        if earlier is None:
+                            composed_by_index[delta.index] = composed
+                        else:
+                            earlier.extend(composed)
                 for delta in output.deltas:
                     failed = failed or delta.finish_reason is FinishReason.ERROR
                     chunk.choices.append(
