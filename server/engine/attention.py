@@ -34,35 +34,70 @@ ATTENTION_NAME = "protoserve_paged"
 
 @dataclass
 class AttentionGroup:
-    """Sequences attended together with one padded SDPA call.
+    """Sequences attended together: by the decode kernel, or with one padded SDPA call.
 
-    `query_index[s, i]` is the packed position of query i of sequence s (`query_valid` marks the
-    real ones); `key_slots[s, j]` is the cache slot of key j; `query_positions` and `key_positions`
-    are token positions in the sequence, used for the causal and sliding-window masks.
+    Sequence s has `query_lengths[s]` queries at packed positions `query_starts[s] + i`, token
+    positions `context_starts[s] + i`; `key_slots[s, j]` is the cache slot of its key j and
+    `key_lengths[s]` how many keys it has. Only these two are built with the group: the kernel
+    needs nothing else. The SDPA path's query indices and masks are built on first use
+    (`query_index`, `query_valid`, `query_positions`, `mask`), once per step, on the group's device.
     """
 
-    query_index: torch.Tensor  # [S, Q] long
-    query_valid: torch.Tensor  # [S, Q] bool
-    query_positions: torch.Tensor  # [S, Q] long
     key_slots: torch.Tensor  # [S, K] long
     key_lengths: torch.Tensor  # [S] long
-    mask: torch.Tensor  # [S, 1, Q, K] bool, True where attention is allowed
+    query_starts: list[int]
+    query_lengths: list[int]
+    context_starts: list[int]
     # (first packed position, S) when every query is one token and they are packed consecutively.
     single_query_span: tuple[int, int] | None = None
-    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
-    _biases: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
+    _query_tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+    _biases: dict[tuple[int | None, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def _queries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._query_tensors is None:
+            device = self.key_slots.device
+            offsets = torch.arange(max(self.query_lengths), device=device)
+            lengths = torch.tensor(self.query_lengths, device=device)
+            valid = offsets[None, :] < lengths[:, None]
+            starts = torch.tensor(self.query_starts, device=device)
+            index = torch.where(valid, starts[:, None] + offsets[None, :], 0)
+            positions = torch.tensor(self.context_starts, device=device)[:, None] + offsets[None, :]
+            self._query_tensors = (index, valid, positions)
+        return self._query_tensors
+
+    @property
+    def query_index(self) -> torch.Tensor:
+        """[S, Q] long: packed position of query i of sequence s (0 where `query_valid` is False)."""
+        return self._queries()[0]
+
+    @property
+    def query_valid(self) -> torch.Tensor:
+        """[S, Q] bool: which entries of `query_index` are real queries."""
+        return self._queries()[1]
+
+    @property
+    def query_positions(self) -> torch.Tensor:
+        """[S, Q] long: token position of query i of sequence s."""
+        return self._queries()[2]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """[S, 1, Q, K] bool, True where attention is allowed: causal over the cached and new keys.
+        Padded query rows keep key 0, so that softmax never sees an empty row."""
+        return self.mask_for_window(None)
 
     def mask_for_window(self, sliding_window: int | None) -> torch.Tensor:
         """The boolean mask, narrowed to the last `sliding_window` keys of each query when given."""
-        if sliding_window is None:
-            return self.mask
         cached = self._masks.get(sliding_window)
         if cached is None:
-            key_positions = torch.arange(self.key_slots.shape[1], device=self.mask.device)
-            in_window = key_positions[None, None, :] > self.query_positions[:, :, None] - sliding_window
-            cached = self.mask & in_window[:, None, :, :]
-            # Padded query rows keep one key so that softmax never sees an empty row.
-            cached[:, :, :, 0] |= ~self.query_valid[:, None, :]
+            key_positions = torch.arange(self.key_slots.shape[1], device=self.key_slots.device)
+            query_positions = self.query_positions[:, :, None]
+            cached = key_positions[None, None, :] <= query_positions
+            if sliding_window is not None:
+                cached &= key_positions[None, None, :] > query_positions - sliding_window
+            cached[:, :, 0] |= ~self.query_valid
+            cached = cached[:, None, :, :]
             self._masks[sliding_window] = cached
         return cached
 
@@ -112,33 +147,22 @@ def build_attention_group(
     `block_tables[s][p // block_size] * block_size + p % block_size`.
     """
     num_sequences = len(query_starts)
-    max_queries = max(query_lengths)
     key_lengths = [start + length for start, length in zip(context_starts, query_lengths, strict=True)]
     max_keys = max(key_lengths)
-    query_offsets = torch.arange(max_queries)
-    query_lengths_tensor = torch.tensor(query_lengths)
-    query_valid = query_offsets[None, :] < query_lengths_tensor[:, None]
-    query_index = torch.where(query_valid, torch.tensor(query_starts)[:, None] + query_offsets[None, :], 0)
-    query_positions = torch.tensor(context_starts)[:, None] + query_offsets[None, :]
     max_blocks = max(len(table) for table in block_tables)
-    padded_tables = torch.zeros(num_sequences, max_blocks, dtype=torch.long)
-    for row, table in enumerate(block_tables):
-        padded_tables[row, : len(table)] = torch.tensor(table, dtype=torch.long)
-    key_positions = torch.arange(max_keys)
-    # Keys past a sequence's length point into block 0; the mask hides them.
-    key_blocks = padded_tables[:, (key_positions // block_size).clamp(max=max_blocks - 1)]
-    key_slots = key_blocks * block_size + key_positions % block_size
-    mask = key_positions[None, None, :] <= query_positions[:, :, None]
-    mask[:, :, 0] |= ~query_valid
+    # Block tables padded with block 0 (keys past a sequence's length point there; the mask or
+    # the key length hides them), expanded to one slot per key position.
+    padded_tables = torch.tensor([table + [0] * (max_blocks - len(table)) for table in block_tables])
+    slots = padded_tables[:, :, None] * block_size + torch.arange(block_size)
+    key_slots = slots.view(num_sequences, max_blocks * block_size)[:, :max_keys].contiguous()
     first = query_starts[0]
-    consecutive = max_queries == 1 and query_starts == list(range(first, first + num_sequences))
+    consecutive = max(query_lengths) == 1 and query_starts == list(range(first, first + num_sequences))
     return AttentionGroup(
-        query_index=query_index.to(device),
-        query_valid=query_valid.to(device),
-        query_positions=query_positions.to(device),
         key_slots=key_slots.to(device),
         key_lengths=torch.tensor(key_lengths).to(device),
-        mask=mask[:, None, :, :].to(device),
+        query_starts=list(query_starts),
+        query_lengths=list(query_lengths),
+        context_starts=list(context_starts),
         single_query_span=(first, num_sequences) if consecutive else None,
     )
 
