@@ -19,9 +19,11 @@ faster on this machine, on the first call (on a 2-core Zen 5: 16 sequences 62 ->
 64: 173 -> 121 ms), else `cpu_linear`'s forms. With the C++ kernels (`use_kernels`, cpu_kernels.py)
 one op each does: a residual add and the RMSNorm after it; the rotary embeddings of q and k and
 the cache write of k and v; SiLU(gate) x up (2-core Zen 5, all kernels against none: 16 sequences
-39.8 -> 30.1 ms per step, 64: 96.4 -> 71.1 ms). The results equal transformers' forward up to
-float rounding (the fused products sum in another order); the engine's parity tests against
-`model.generate` run through it.
+39.8 -> 30.1 ms per step, 64: 96.4 -> 71.1 ms). Without them (on a GPU, where each op is a kernel
+launch and host time per op is what a step costs at small batches) the torch ops are kept few: q
+and k rotated in one pass, each norm one `rms_norm` (83 ops per layer, 98 before). The results
+equal transformers' forward up to float rounding (the fused products sum in another order); the
+engine's parity tests against `model.generate` run through it.
 
 `fast_decoder_for(model)` returns None for any model it does not cover exactly (another class,
 another activation, sliding windows, quantized or replaced linear layers, ...); the engine then
@@ -42,6 +44,9 @@ from transformers import PreTrainedModel
 # Causal LM classes whose decoder layers are exactly: RMSNorm, attention (q/k/v/o linears, rotary,
 # optional q/k/v biases), residual, RMSNorm, gated SiLU MLP (gate/up/down), residual.
 COVERED_CLASSES = frozenset({"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"})
+# Their norm classes, which all compute weight * (x / sqrt(mean(x^2) + eps)) in float32, rounded to
+# the input's dtype before the weight: what the C++ kernels and `_rms_norm` compute.
+STANDARD_RMS_NORMS = frozenset({"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm"})
 
 
 def fast_decoder_for(model: PreTrainedModel) -> FastDecoderForward | None:
@@ -136,6 +141,10 @@ class FastDecoderForward:
         self.lm_head = LinearProduct(model.lm_head.weight, model.lm_head.bias)
         self.plan: PackedPlan | None = None  # measured on the first call, on the engine's thread
         self.kernels: CpuKernels | None = None
+        # Every layer norm is transformers' own RMSNorm in the model's dtype: the kernels and
+        # `_rms_norm` compute exactly it; otherwise the torch path calls the norm modules themselves.
+        norms = [norm for layer in self.layers for norm in (layer.input_norm, layer.post_norm)]
+        self.standard_norms = all(_is_standard_rms_norm(norm, self.lm_head.weight.dtype) for norm in norms)
 
     @property
     def products(self) -> list[LinearProduct]:
@@ -151,14 +160,8 @@ class FastDecoderForward:
     def use_kernels(self, kernels: CpuKernels) -> bool:
         """Run the norms, rotary embeddings and cache writes through `kernels` from now on, where
         they cover this model exactly (standard RMSNorms, everything in one dtype); False if not."""
-        dtype = self.lm_head.weight.dtype
-        norms = [norm for layer in self.layers for norm in (layer.input_norm, layer.post_norm)]
-        for norm in norms:
-            epsilon = getattr(norm, "variance_epsilon", None)
-            if not type(norm).__name__.endswith("RMSNorm") or not isinstance(epsilon, float):
-                return False
-            if norm.weight.dtype != dtype or norm.weight.dim() != 1:
-                return False
+        if not self.standard_norms:
+            return False
         self.kernels = kernels
         return True
 
@@ -232,10 +235,11 @@ class FastDecoderForward:
     ) -> None:
         """The decoder layers over `hidden` (updated in place) in torch's ops."""
         tokens = hidden.shape[0]
+        norm = _rms_norm if self.standard_norms else _call_norm
         for layer in self.layers:
-            attended = self._attention_in_torch(layer, hidden, cos, sin, metadata)
+            attended = self._attention_in_torch(layer, norm(layer.input_norm, hidden), cos, sin, metadata)
             hidden.add_(layer.o(attended.reshape(tokens, -1), contiguous=False))
-            gate_up = layer.gate_up(layer.post_norm(hidden), contiguous=False)
+            gate_up = layer.gate_up(norm(layer.post_norm, hidden), contiguous=False)
             # Written row-major: the down product is fast on a row-major input (W @ x^T with x^T
             # column-major), several times slower at a few rows on a transposed one.
             activated = torch.empty((tokens, layer.intermediate), dtype=hidden.dtype, device=hidden.device)
@@ -244,17 +248,18 @@ class FastDecoderForward:
 
     @staticmethod
     def _attention_in_torch(
-        layer: _FusedLayer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, metadata: PagedAttentionMetadata
+        layer: _FusedLayer, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, metadata: PagedAttentionMetadata
     ) -> torch.Tensor:
-        """Norm, q/k/v, rotary embeddings, cache write and attention in torch's ops -> [T, H, D]."""
-        tokens = hidden.shape[0]
+        """q/k/v of the normed hidden states, rotary embeddings, cache write and attention in
+        torch's ops -> [T, H, D]."""
+        tokens = normed.shape[0]
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D]
-        qkv = layer.qkv(layer.input_norm(hidden))
-        query = qkv[:, : layer.q_size].view(tokens, -1, layer.head_dim)
-        key = qkv[:, layer.q_size : layer.q_size + layer.kv_size].view(tokens, -1, layer.head_dim)
+        qkv = layer.qkv(normed)
+        # The rotary embeddings of q and k in one pass: their heads sit side by side in qkv.
+        query_key = qkv[:, : layer.q_size + layer.kv_size].view(tokens, -1, layer.head_dim)
+        query_key = query_key * cos + _rotate_half(query_key) * sin
+        query, key = query_key[:, : layer.num_heads], query_key[:, layer.num_heads :]
         value = qkv[:, layer.q_size + layer.kv_size :].view(tokens, -1, layer.head_dim)
-        query = query * cos + _rotate_half(query) * sin
-        key = key * cos + _rotate_half(key) * sin
         attended, _ = paged_attention_forward(
             layer.attention,
             query.transpose(0, 1).unsqueeze(0),
@@ -265,6 +270,32 @@ class FastDecoderForward:
             paged_metadata=metadata,
         )
         return attended[0]
+
+
+def _is_standard_rms_norm(norm: Any, dtype: torch.dtype) -> bool:
+    """transformers' own Llama, Qwen2 or Mistral RMSNorm (one formula; not a subclass or another
+    module in its place), with a 1-D weight in `dtype` and a float epsilon."""
+    epsilon = getattr(norm, "variance_epsilon", None)
+    weight = getattr(norm, "weight", None)
+    return (
+        type(norm).__name__ in STANDARD_RMS_NORMS
+        and type(norm).__module__.startswith("transformers.")
+        and isinstance(epsilon, float)
+        and isinstance(weight, torch.Tensor)
+        and weight.dtype == dtype
+        and weight.dim() == 1
+    )
+
+
+def _rms_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """What transformers' RMSNorm module computes (normalized in float32, rounded to the input's
+    dtype, then scaled by the weight), with torch's one-op `rms_norm` in place of its chain of five."""
+    normalized = F.rms_norm(hidden.to(torch.float32), hidden.shape[-1:], eps=norm.variance_epsilon)
+    return norm.weight * normalized.to(hidden.dtype)
+
+
+def _call_norm(norm: Any, hidden: torch.Tensor) -> torch.Tensor:
+    return norm(hidden)
 
 
 def _rotate_half(states: torch.Tensor) -> torch.Tensor:
