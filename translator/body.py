@@ -7,6 +7,7 @@ counted as it arrives and refused as soon as it passes the limit.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -34,15 +35,25 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(literal: str) -> float:
+    """A JSON number as a float, refusing one too large for a float (1e999 would become infinity,
+    which no JSON can carry back out)."""
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {literal[:40]} is out of range")
+    return value
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """A body's bytes as a JSON object; 400 for invalid UTF-8 (lone surrogate escapes included),
-    invalid JSON, NaN/Infinity, or a value that is not an object (string, array, number, null)."""
+    invalid JSON, NaN/Infinity or a number beyond a float's range, or a value that is not an object
+    (string, array, number, null)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise invalid_request("the request body is not valid UTF-8") from None
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise invalid_request("the request body's JSON is nested too deeply") from None
     except ValueError as error:
@@ -65,14 +76,29 @@ def _reject_lone_surrogates(value: Any) -> None:
         ) from None
 
 
+def undecodable_body(error: web.RequestPayloadError) -> ApiError:
+    """The 400 for a body that cannot be read as sent: one whose Content-Encoding (gzip, deflate)
+    does not decompress, or whose chunked framing breaks off. The rest of such a body cannot be
+    skipped to find the next request, so the answer closes the connection (aiohttp then logs it)."""
+    cause = error.__cause__ or error
+    detail = " ".join(str(getattr(cause, "message", None) or cause).split())
+    answer = invalid_request(f"the request body could not be read: {detail}")
+    answer.headers["Connection"] = "close"
+    return answer
+
+
 async def read_limited(request: web.Request, limit: int) -> bytes:
-    """The whole body, refusing with 413 once more than `limit` bytes arrive."""
+    """The whole body, refusing with 413 once more than `limit` bytes arrive (counted after any
+    Content-Encoding is undone) and with 400 when it cannot be decoded."""
     check_declared_length(request, limit)
     received = bytearray()
-    async for chunk in request.content.iter_chunked(_READ_CHUNK_BYTES):
-        received += chunk
-        if len(received) > limit:
-            raise too_large(limit)
+    try:
+        async for chunk in request.content.iter_chunked(_READ_CHUNK_BYTES):
+            received += chunk
+            if len(received) > limit:
+                raise too_large(limit)
+    except web.RequestPayloadError as error:
+        raise undecodable_body(error) from None
     return bytes(received)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, web
-from protoserve.translator.body import check_declared_length, too_large
+from protoserve.translator.body import check_declared_length, too_large, undecodable_body
 from protoserve.translator.errors import ApiError, invalid_request
 
 _READ_CHUNK_BYTES = 64 * 1024
@@ -65,4 +65,6 @@ async def read_form(request: web.Request, file_field: str, max_file_bytes: int, 
                 raise too_large(max_body_bytes)
     except ValueError as error:  # aiohttp's parser rejects malformed multipart bodies with ValueError
         raise invalid_request(f"malformed multipart body: {error}") from None
+    except web.RequestPayloadError as error:
+        raise undecodable_body(error) from None
     return form

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 
+import aiohttp
 import openai
 import pytest
 from fake_upstream import MODEL_ID, FakeUpstream, running_translator
@@ -70,6 +72,46 @@ async def test_non_object_bodies_are_400(translator: RunningTranslator, http, bo
             assert response.status == 400, (path, body[:20])
             error = (await response.json())["error"]
             assert error["type"] == "invalid_request_error" and error["message"]
+
+
+@pytest.mark.parametrize("number", ["1e999", "-1e400"])
+async def test_numbers_beyond_a_float_are_400(translator: RunningTranslator, http, number: str) -> None:
+    """Python would read them as infinity, which no JSON answer (the Responses API echoes metadata) can carry."""
+    bodies = {
+        "/v1/chat/completions": '{"model": "%s", "messages": [{"role": "user", "content": "Hi"}], "x": %s}',
+        "/v1/responses": '{"model": "%s", "input": "Hi", "metadata": {"a": %s}}',
+    }
+    for path, body in bodies.items():
+        data = (body % (MODEL_ID, number)).encode()
+        async with http.post(
+            f"{translator.url}{path}", data=data, headers={"Content-Type": "application/json"}
+        ) as response:
+            assert response.status == 400, path
+            assert "out of range" in (await response.json())["error"]["message"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_body_that_does_not_decompress_is_400(translator: RunningTranslator, encoding: str) -> None:
+    kinds = {
+        "/v1/chat/completions": "application/json",
+        "/v1/responses": "application/json",
+        "/v1/audio/transcriptions": "multipart/form-data; boundary=B",
+    }
+    async with aiohttp.ClientSession(auto_decompress=False) as http:
+        for path, content_type in kinds.items():
+            headers = {"Content-Type": content_type, "Content-Encoding": encoding}
+            async with http.post(f"{translator.url}{path}", data=b"not compressed", headers=headers) as response:
+                assert response.status == 400, path
+                assert response.headers["Connection"] == "close"  # the rest of the body cannot be skipped
+                error = (await response.json())["error"]
+            assert error["type"] == "invalid_request_error" and encoding in error["message"]
+        compressed = gzip.compress(
+            b'{"model": "%s", "messages": [{"role": "user", "content": "Hi"}]}' % MODEL_ID.encode()
+        )
+        headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        async with http.post(f"{translator.url}/v1/chat/completions", data=compressed, headers=headers) as response:
+            assert response.status == 200
+            assert (await response.json())["choices"][0]["message"]["content"] == "Hello"
 
 
 async def test_wrong_types_name_the_field(translator: RunningTranslator, http) -> None:

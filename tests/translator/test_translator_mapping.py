@@ -226,14 +226,29 @@ def test_responses_builder_reasoning_then_text_and_incomplete() -> None:
         "response.reasoning_text.delta",
     ]
     assert types.index("response.output_item.done") < types.index("response.output_text.delta")
+    assert types[-1] == "response.incomplete" and "response.completed" not in types  # as OpenAI ends a cut-off stream
     final = events[-1]["response"]
     assert final["status"] == "incomplete" and final["incomplete_details"] == {"reason": "max_output_tokens"}
     assert [item["type"] for item in final["output"]] == ["reasoning", "message"]
+    assert [item["status"] for item in final["output"]] == ["completed", "incomplete"]  # the one cut off
+    assert final["output"][1]["content"][0]["text"] == "out"
+    assert events[-2]["type"] == "response.output_item.done" and events[-2]["item"]["status"] == "incomplete"
     assert "ignored" not in str(final)
     empty = ResponseEventBuilder("resp_2", "m", {}).finish()
     assert [event["type"] for event in empty] == ["response.created", "response.in_progress", "response.completed"]
     unary = response_from_result(generation_pb2.GenerationResult(), "resp_3", "m", {})
     assert unary["output"] == [] and unary["model"] == "m"
+
+
+@pytest.mark.parametrize(
+    "reason, status", [(common_pb2.FINISH_REASON_STOP, "completed"), (common_pb2.FINISH_REASON_LENGTH, "incomplete")]
+)
+def test_unary_response_marks_the_item_a_length_finish_cut_off(reason: int, status: str) -> None:
+    choice = generation_pb2.Choice(index=0, reasoning_text="r", text="partial", finish_reason=reason)
+    unary = response_from_result(generation_pb2.GenerationResult(choices=[choice]), "resp_4", "m", {})
+    assert unary["status"] == status
+    assert [item["status"] for item in unary["output"]] == ["completed", status]
+    assert unary["output"][1]["content"][0]["text"] == "partial"
 
 
 def test_subtitle_formats() -> None:

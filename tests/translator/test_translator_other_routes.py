@@ -120,6 +120,21 @@ async def test_responses_stream_event_order(translator: RunningTranslator, upstr
     assert completed.usage.output_tokens == 2
 
 
+async def test_responses_stream_cut_off_by_the_token_limit_ends_incomplete(
+    translator: RunningTranslator, upstream: FakeUpstream
+) -> None:
+    upstream.chunks = text_chunks(["Bon", "jour"], finish=common_pb2.FINISH_REASON_LENGTH)
+    stream = await client_for(translator).responses.create(
+        model=MODEL_ID, input="Hello", stream=True, max_output_tokens=2
+    )
+    events = [event async for event in stream]
+    assert [event.type for event in events][-2:] == ["response.output_item.done", "response.incomplete"]
+    assert events[-2].item.status == "incomplete"
+    final = events[-1].response
+    assert final.status == "incomplete" and final.incomplete_details.reason == "max_output_tokens"
+    assert final.output_text == "Bonjour" and final.output[0].status == "incomplete"
+
+
 async def test_responses_refuses_previous_response_id(translator: RunningTranslator) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
         await client_for(translator).responses.create(model=MODEL_ID, input="x", previous_response_id="resp_1")

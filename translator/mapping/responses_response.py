@@ -4,6 +4,10 @@ Only choice 0 is used (the Responses API has no `n`). Output items come in the o
 produced them: a reasoning item, a message item (one output_text part), function_call items. In a
 stream an item is opened when its first piece arrives and closed (its `.done` events) when the next
 item opens or the response ends. Every event carries `type` and an increasing `sequence_number`.
+
+A response cut off by its token limit (a LENGTH finish) is `incomplete` with reason
+`max_output_tokens`, as OpenAI's is: its last output item (the one cut off) has status `incomplete`
+and a stream ends with `response.incomplete` instead of `response.completed`.
 """
 
 from __future__ import annotations
@@ -32,12 +36,12 @@ def _text_part(text: str) -> dict[str, Any]:
 
 
 def message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    content = [_text_part(text)] if status == "completed" else []
+    content = [_text_part(text)] if status != "in_progress" else []
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
 def reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    content = [{"type": "reasoning_text", "text": text}] if status != "in_progress" else []
     return {"type": "reasoning", "id": item_id, "status": status, "summary": [], "content": content}
 
 
@@ -50,6 +54,11 @@ def function_call_item(item_id: str, call_id: str, name: str, arguments: str, st
         "arguments": arguments,
         "status": status,
     }
+
+
+def closed_item_status(reason: int) -> str:
+    """The status of the item a response ends on: `incomplete` when the token limit cut it off."""
+    return "incomplete" if reason == FinishReason.FINISH_REASON_LENGTH else "completed"
 
 
 def response_object(
@@ -99,6 +108,8 @@ def response_from_result(
             output.append(
                 function_call_item(new_id("fc_"), call.id, call.function.name, call.function.arguments, "completed")
             )
+        if output:
+            output[-1]["status"] = closed_item_status(reason)
     return response_object(
         response_id,
         result.created or int(time.time()),
@@ -187,7 +198,8 @@ class ResponseEventBuilder:
             return reasoning_item(item.item_id, item.text, status)
         return function_call_item(item.item_id, item.call_id, item.name, item.text, status)
 
-    def _close(self) -> list[dict[str, Any]]:
+    def _close(self, status: str = "completed") -> list[dict[str, Any]]:
+        """The `.done` events of the open item, which ends with `status`."""
         item, self._current = self._current, None
         if item is None:
             return []
@@ -206,7 +218,7 @@ class ResponseEventBuilder:
             events.append(
                 self._event("response.function_call_arguments.done", **where, name=item.name, arguments=item.text)
             )
-        done = self._item_json(item, "completed")
+        done = self._item_json(item, status)
         self._output[item.output_index] = done
         events.append(self._event("response.output_item.done", output_index=item.output_index, item=done))
         return events
@@ -265,9 +277,11 @@ class ResponseEventBuilder:
         ]
 
     def finish(self) -> list[dict[str, Any]]:
-        """Close the open item and complete the response."""
-        events = self._start(0, "") + self._close()
-        events.append(self._event("response.completed", response=self._response("completed")))
+        """Close the open item and end the response: `response.completed`, or `response.incomplete`
+        when the token limit cut it off."""
+        events = self._start(0, "") + self._close(closed_item_status(self.reason))
+        response = self._response("completed")
+        events.append(self._event(f"response.{response['status']}", response=response))
         return events
 
     def error_event(self, body: dict[str, Any]) -> dict[str, Any]:
