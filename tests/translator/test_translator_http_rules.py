@@ -132,6 +132,9 @@ async def test_wrong_types_name_the_field(translator: RunningTranslator, http) -
         ({**CHAT, "seed": 2**70}, "seed"),
         ({**CHAT, "temperature": 10**400}, "temperature"),
         ({**CHAT, "logit_bias": {"x": 1}}, "logit_bias"),
+        ({**CHAT, "logit_bias": {"1_0": 1}}, "logit_bias"),  # int() would read 10
+        ({**CHAT, "logit_bias": {" 7 ": 1}}, "logit_bias"),
+        ({**CHAT, "logit_bias": {"\u0663": 1}}, "logit_bias"),  # ARABIC-INDIC DIGIT THREE
         ({**CHAT, "tools": [{"type": "retrieval"}]}, "tools[0].type"),
         ({**CHAT, "tool_choice": "maybe"}, "tool_choice"),
         ({**CHAT, "response_format": {"type": "xml"}}, "response_format.type"),

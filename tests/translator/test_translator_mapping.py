@@ -157,6 +157,8 @@ def test_responses_input_items() -> None:
     assert request.tool_choice.function_name == "weather"
     with pytest.raises(ApiError):
         responses_chat_request({"input": [{"type": "file_search_call"}]}, "id", budget())
+    one_output = responses_chat_request({"input": "hi", "n": 3, "stop": ["x"]}, "id", budget())
+    assert one_output.sampling.n == 0 and list(one_output.sampling.stop) == ["x"]  # no unseen choices; stop kept
 
 
 def chunk(*deltas: generation_pb2.ChoiceDelta, with_usage: bool = False) -> generation_pb2.GenerationChunk:
@@ -238,6 +240,18 @@ def test_responses_builder_reasoning_then_text_and_incomplete() -> None:
     assert [event["type"] for event in empty] == ["response.created", "response.in_progress", "response.completed"]
     unary = response_from_result(generation_pb2.GenerationResult(), "resp_3", "m", {})
     assert unary["output"] == [] and unary["model"] == "m"
+
+
+def test_responses_builder_error_uses_no_sequence_numbers() -> None:
+    builder = ResponseEventBuilder("resp_5", "m", {})
+    events = builder.events(chunk(generation_pb2.ChoiceDelta(index=0, text="a")))
+    with pytest.raises(ApiError):
+        builder.events(
+            chunk(generation_pb2.ChoiceDelta(index=0, text="b", finish_reason=common_pb2.FINISH_REASON_ERROR))
+        )
+    error = builder.error_event({"error": {"message": "failed", "code": None, "param": None}})
+    numbers = [event["sequence_number"] for event in [*events, error]]
+    assert numbers == list(range(len(numbers)))
 
 
 @pytest.mark.parametrize(

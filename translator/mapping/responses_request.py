@@ -102,6 +102,7 @@ def responses_chat_request(body: Any, request_id: str, images: ImageBudget) -> C
         sampling=sampling_params(fields, ("max_output_tokens",)),
         options=request_options(fields, request_id),
     )
+    request.sampling.ClearField("n")  # the Responses API has one output: more choices would be generated unseen
     text_format = _text_format(fields)
     if text_format is not None:
         request.sampling.response_format.CopyFrom(text_format)

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from protoserve.translator.errors import ApiError
 from protoserve.translator.mapping.common_response import finish_reason, new_id
 from protoserve.v1.common_pb2 import FinishReason, Usage
 from protoserve.v1.generation_pb2 import ChoiceDelta, GenerationChunk, GenerationResult
@@ -257,13 +258,20 @@ class ResponseEventBuilder:
             self.reason = delta.finish_reason
 
     def events(self, upstream: GenerationChunk) -> list[dict[str, Any]]:
-        """The events for one upstream message; the first also opens the response."""
-        events = self._start(upstream.created, upstream.model)
-        if upstream.HasField("usage"):
-            self.usage = upstream.usage
-        for delta in upstream.choices:
-            if delta.index == 0:
-                self._delta_events(delta, events)
+        """The events for one upstream message; the first also opens the response. A message that
+        fails the generation (an ERROR finish) raises ApiError and uses up no sequence numbers, so
+        the error event that follows comes next in the sequence."""
+        sequence_before = self._sequence
+        try:
+            events = self._start(upstream.created, upstream.model)
+            if upstream.HasField("usage"):
+                self.usage = upstream.usage
+            for delta in upstream.choices:
+                if delta.index == 0:
+                    self._delta_events(delta, events)
+        except ApiError:
+            self._sequence = sequence_before
+            raise
         return events
 
     def _start(self, created: int, model: str) -> list[dict[str, Any]]:

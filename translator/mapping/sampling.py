@@ -31,10 +31,9 @@ def logit_bias(value: Any, param: str) -> dict[int, float]:
     fields = Fields(value, param)
     biases: dict[int, float] = {}
     for key, bias in fields.data.items():
-        try:
-            token_id = int(key)
-        except ValueError:
-            raise invalid_request(f"'{param}' keys must be token ids, not {key!r}", param=param) from None
+        if not (key.isascii() and key.isdigit()):  # int() would also take " 7 ", "1_0" and other scripts' digits
+            raise invalid_request(f"'{param}' keys must be token ids, not {key!r}", param=param)
+        token_id = int(key)
         if not 0 <= token_id <= UINT32_MAX:
             raise invalid_request(f"'{param}' has an impossible token id {key!r}", param=param)
         biases[token_id] = as_float(bias, f"{param}.{key}")
