@@ -12,6 +12,7 @@ is called, before anything is sent.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, TypeVar, overload
@@ -20,7 +21,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protoserve.client import from_proto
-from protoserve.client.async_stream import AsyncStream
+from protoserve.client.async_stream import AsyncStream, call_cancelled_elsewhere, this_task_is_being_cancelled
 from protoserve.client.call_settings import HEALTH_TIMEOUT_SECONDS, CallSettings
 from protoserve.client.channel import TLSOptions, create_async_channel
 from protoserve.client.errors import error_from_rpc
@@ -81,6 +82,10 @@ class AsyncProtoserveClient:
             return await method(request, timeout=deadline, metadata=self._settings.metadata)
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
+        except asyncio.CancelledError:
+            if this_task_is_being_cancelled():
+                raise
+            raise call_cancelled_elsewhere() from None
 
     def _stream(
         self, method: Callable[..., Any], request: Any, deadline: float | None, convert: Callable[[Any], Iterable[Item]]

@@ -3,7 +3,8 @@
 Both `async for item in client.chat(..., stream=True)` and `async for item in await client.chat(...,
 stream=True)` work: awaiting the stream gives the stream itself. Leaving early should `aclose()` it
 (or use `async with`), which cancels the call so that the server frees its work; a cancelled
-consumer task cancels the call too.
+consumer task cancels the call too. A call cancelled from elsewhere (`cancel()` from another task,
+the client closed) ends the reader with `Cancelled`, not with asyncio's CancelledError.
 """
 
 from __future__ import annotations
@@ -16,9 +17,22 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 import grpc.aio
-from protoserve.client.errors import error_from_rpc
+from protoserve.client.errors import Cancelled, error_from_rpc
 
 Item = TypeVar("Item")
+
+
+def this_task_is_being_cancelled() -> bool:
+    """Asked in `except asyncio.CancelledError` around a grpc.aio call. grpc.aio raises CancelledError
+    both when the awaiting task is cancelled (True: re-raise, so the cancellation goes on) and when
+    the call itself was cancelled from elsewhere, by `cancel()` or by closing the client (False:
+    raise `call_cancelled_elsewhere()`, an error like any other failed call, as the sync client does)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def call_cancelled_elsewhere() -> Cancelled:
+    return Cancelled("the call was cancelled (by cancel() from elsewhere, or the client was closed)")
 
 
 class AsyncStream(Generic[Item]):
@@ -40,7 +54,9 @@ class AsyncStream(Generic[Item]):
                 raise error_from_rpc(error) from None
             except asyncio.CancelledError:
                 self._call.cancel()
-                raise
+                if this_task_is_being_cancelled():
+                    raise
+                raise call_cancelled_elsewhere() from None
             if message is grpc.aio.EOF:
                 raise StopAsyncIteration
             self._pending.extend(self._convert(message))

@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TextIO
 
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP (the terminal closed, the ssh session dropped) reaches `up` alone, since the children run in
+# process groups of their own: it stops them as SIGTERM does (the server drains).
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_SENT_FOR = {signal.SIGHUP: signal.SIGTERM}
 
 
 @dataclass
@@ -74,11 +77,12 @@ class Supervisor:
         self.stop_requested = True
         for child in self._children:
             if child.running and child.process is not None:
-                child.process.send_signal(signum)
+                child.process.send_signal(_SENT_FOR.get(signal.Signals(signum), signum))
 
     @contextmanager
     def handling_signals(self) -> Iterator[Supervisor]:
-        """Forward SIGINT/SIGTERM to the children while inside; stop any child left running on the way out."""
+        """Forward SIGINT/SIGTERM (SIGHUP as SIGTERM) to the children while inside; stop any child left
+        running on the way out."""
         previous = {signum: signal.signal(signum, self._on_signal) for signum in FORWARDED_SIGNALS}
         try:
             yield self

@@ -25,7 +25,9 @@ DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
 # The server's --tool-parser choices (protoserve.server.cli); the client does not import the server.
 TOOL_PARSERS = ("auto", "hermes", "llama3", "mistral", "mistral_v11", "none")
-_ANY_ADDRESS = {"0.0.0.0", "::", "[::]", ""}
+_ANY_IPV4_ADDRESS = {"0.0.0.0", ""}
+# An IPv6 any-address: the translator (aiohttp) binds it for IPv6 only, so IPv4's loopback never answers.
+_ANY_IPV6_ADDRESS = {"::", "[::]"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,8 +131,13 @@ class UpPlan:
 
 
 def connect_host(host: str) -> str:
-    """Where a local client reaches a server listening on `host` (the loopback for any-address)."""
-    return "127.0.0.1" if host in _ANY_ADDRESS else host
+    """Where a local client reaches a server listening on `host`: the loopback of the same family
+    for an any-address."""
+    if host in _ANY_IPV4_ADDRESS:
+        return "127.0.0.1"
+    if host in _ANY_IPV6_ADDRESS:
+        return "::1"
+    return host
 
 
 def plan_children(

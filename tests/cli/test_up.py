@@ -223,6 +223,32 @@ def test_sigint_is_forwarded_once(tmp_path: Path) -> None:
     assert notes(children.server_marker) == ["started", "SIGINT"]
 
 
+def test_sighup_stops_both_children_as_sigterm_does(tmp_path: Path) -> None:
+    """The children run in process groups of their own, so a closed terminal's hangup reaches `up` only."""
+    children = Children(tmp_path)
+    process = children.start_up(children.server(), children.translator())
+    wait_for_line(process, "protoserve is up")
+    process.send_signal(signal.SIGHUP)
+    assert process.wait(timeout=20) == 0
+    assert notes(children.server_marker) == ["started", "SIGTERM"]
+    assert notes(children.translator_marker) == ["started", "SIGTERM"]
+
+
+@pytest.mark.parametrize(
+    "host, reachable",
+    [("0.0.0.0", "127.0.0.1"), ("", "127.0.0.1"), ("::", "::1"), ("[::]", "::1"), ("10.1.2.3", "10.1.2.3")],
+)
+def test_up_reaches_an_any_address_through_the_loopback_of_its_family(host: str, reachable: str) -> None:
+    assert up.connect_host(host) == reachable
+
+
+def test_plan_for_the_ipv6_any_address() -> None:
+    args = parse("--model", "/m/a", "--host", "::", "--grpc-port", "6000", "--http-port", "6001")
+    plan = up.plan_children(args, protoserve_command=("protoserve",))
+    assert plan.grpc_target == "[::1]:6000" and plan.http_url == "http://[::1]:6001"
+    assert plan.translator_command[-2:] == ("--upstream", "[::1]:6000")
+
+
 def test_a_dying_child_stops_the_other_and_fails(tmp_path: Path) -> None:
     children = Children(tmp_path)
     process = children.start_up(children.server(), children.translator("--die-after", "0.5", "--exit-code", "3"))

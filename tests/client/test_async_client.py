@@ -9,6 +9,7 @@ import pytest
 from client_fakes import FakeServer
 from protoserve.client import (
     AsyncProtoserveClient,
+    Cancelled,
     DeadlineExceeded,
     InternalError,
     InvalidArgument,
@@ -114,6 +115,35 @@ async def test_closing_or_cancelling_a_stream_cancels_the_call(fake_server: Fake
                 break
             await asyncio.sleep(0.02)
     assert fake_server.recorded.cancelled == ["Chat", "Chat"]
+
+
+async def test_a_call_cancelled_from_elsewhere_raises_cancelled_not_cancelled_error(fake_server: FakeServer) -> None:
+    """The reading task was not cancelled: it must end with an error (as the sync client's), not as cancelled."""
+    async with AsyncProtoserveClient(fake_server.target) as client:
+        stream = client.chat([{"role": "user", "content": "drip"}], stream=True)
+
+        async def read_all() -> list[str]:
+            return [delta.text async for delta in stream]
+
+        reader = asyncio.create_task(read_all())
+        await asyncio.sleep(0.3)  # the first piece came; the reader waits for the next
+        stream.cancel()
+        with pytest.raises(Cancelled):
+            await reader
+        assert not reader.cancelled()
+
+    for closing_while in ("streaming", "unary"):
+        client = AsyncProtoserveClient(fake_server.target)
+        if closing_while == "streaming":
+            stream = client.chat([{"role": "user", "content": "drip"}], stream=True)
+            call = asyncio.create_task(read_all())
+        else:
+            call = asyncio.create_task(client.chat([{"role": "user", "content": "slow"}]))
+        await asyncio.sleep(0.3)
+        await client.close()
+        with pytest.raises(ProtoserveError):  # Cancelled or Unavailable, depending on how the channel went
+            await call
+        assert not call.cancelled(), closing_while
 
 
 async def test_bad_arguments_raise_before_sending(fake_server: FakeServer) -> None:
