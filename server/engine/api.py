@@ -45,11 +45,17 @@ class TokenConstraint(Protocol):
         ...
 
 
+# Temperatures below this are greedy: dividing float32 logits by a tinier one overflows to infinity
+# (1e-38 made every probability NaN and always drew the last token), and a temperature this small
+# already picks the argmax but for exact ties.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop. Validated by `validate()`; defaults are OpenAI's."""
 
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW_TEMPERATURE) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means off
     min_p: float = 0.0
@@ -72,7 +78,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,11 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int], skip_special_tokens: bool) -> None:
         self._decode = _make_decoder(tokenizer, skip_special_tokens)
         context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        # The window must start at a character: a byte-fallback decoder (Llama-2, Mistral, Gemma)
+        # turns a whole run of byte tokens into U+FFFDs when the run starts mid-character, which
+        # would read as text never emitted and leak into the output.
+        while len(context) > 1 and self._decode(context).startswith(_REPLACEMENT_CHARACTER):
+            context = context[1:]
         self._ids: list[int] = context
         # Prompt tokens that end inside a character count as held: an output token completes them.
         emitted_end = len(context)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from protoserve.server.engine.api import GREEDY_BELOW_TEMPERATURE
 from protoserve.server.transcription.whisper_tokens import TIME_PER_TIMESTAMP, WhisperTokens
 
 MAX_INITIAL_TIMESTAMP_S = 1.0
@@ -117,7 +118,7 @@ def decode_window(
             logits = output.logits[0, -1].float()
             logits[suppressed.to(logits.device)] = -float("inf")  # the model's suppress_tokens (non-speech)
             apply_timestamp_rules(logits, sampled, tokens, window_s)
-            if temperature > 0:
+            if temperature >= GREEDY_BELOW_TEMPERATURE:
                 probabilities = torch.softmax(logits / temperature, dim=-1)
                 token = int(torch.multinomial(probabilities.cpu(), 1, generator=generator).item())
             else:

@@ -119,6 +119,19 @@ def test_prompt_that_ends_inside_a_character() -> None:
     assert all("\ufffd" not in piece for piece in pieces)
 
 
+@pytest.mark.parametrize("prompt_text", ["Reply with an emoji: 😀😀", "你好世界", "ok 🎉🚀✓"])
+def test_prompt_window_starting_inside_a_character_leaks_nothing(prompt_text: str) -> None:
+    """The last prompt tokens decoded as context may start mid-character (many byte-fallback tokens
+    at the end of the prompt); a SentencePiece decoder then makes the whole byte run U+FFFD."""
+    tokenizer = sentencepiece_tokenizer()
+    prompt = tokenizer.encode(prompt_text, add_special_tokens=False)
+    output = tokenizer.encode(" Sure, the test!", add_special_tokens=False)
+    expected = full_decode(tokenizer, prompt + output, True)[len(full_decode(tokenizer, prompt, True)) :]
+    pieces = stream(tokenizer, prompt, output, skip=True)
+    assert "".join(pieces) == expected
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
 def test_work_per_token_does_not_grow_with_the_output() -> None:
     class CountingTokenizer:
         """Wraps a tokenizer and records the length of every decoded window."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
@@ -103,6 +104,16 @@ def test_temperature_sharpens_and_flattens() -> None:
     hot = draw_many(SamplingParams(temperature=50.0), logits, count=300, eos=frozenset())
     assert cold[0] > 290
     assert 100 < hot[1] < 200
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-38, 1e-45])
+def test_a_vanishing_temperature_is_greedy(temperature: float) -> None:
+    """Logits divided by 1e-38 overflow float32: every probability became NaN and the last token won."""
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(3)) * 3
+    rows = [make_row(SamplingParams(temperature=temperature, logprobs=True), seed=row) for row in range(3)]
+    result = Sampler().sample(logits.clone(), rows)
+    assert result.token_ids == logits.argmax(dim=-1).tolist()
+    assert all(logprob is not None and math.isfinite(logprob.logprob) for logprob in result.logprobs)
 
 
 def test_logit_bias_forces_and_forbids() -> None:

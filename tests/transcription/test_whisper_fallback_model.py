@@ -137,6 +137,14 @@ async def test_no_speech_probability_is_read_at_the_start_of_transcript(english_
     assert decode(replace(tokens, no_speech=None)).no_speech_probability == 0.0  # a tokenizer without the token
 
 
+async def test_a_vanishing_temperature_decodes_greedily(english_model: SpeechModel, fox_wav: bytes) -> None:
+    """Logits divided by 1e-40 overflow float32 (softmax all NaN, multinomial fails): it is greedy."""
+    options = TranscribeOptions(fallback=NO_FALLBACK)
+    greedy = await _collect(english_model, fox_wav, options)
+    vanishing = await _collect(english_model, fox_wav, replace(options, temperature=1e-40))
+    assert [segment.text for segment in _segments(vanishing)] == [segment.text for segment in _segments(greedy)]
+
+
 def test_request_seed_depends_on_the_audio_and_every_option(fox_wav: bytes) -> None:
     options = TranscribeOptions(temperature=0.7)
     seed = request_seed(fox_wav, options)
