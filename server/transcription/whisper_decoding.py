@@ -8,6 +8,7 @@ timestamps together are more likely than any text token (the rules of the whispe
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,6 +80,13 @@ def apply_timestamp_rules(logits: torch.Tensor, sampled: list[int], tokens: Whis
         logits[:begin] = forbidden
 
 
+def decoder_cache_keyword(model: Any) -> str:
+    """The name of the decoder's KV cache, as a forward argument and as an output field: `cache`
+    since transformers deprecated `past_key_values` (to be removed in 5.40), `past_key_values` in
+    the releases before (the GPU image's 5.17)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def decode_window(
     model: Any,
     encoder_outputs: Any,
@@ -92,8 +100,9 @@ def decode_window(
     suppressed_tokens: Sequence[int] = (),
 ) -> DecodedWindow:
     """Decode one window from its encoder outputs. `prefix` is the decoder prompt (previous text, then
-    the start sequence, which holds <|startoftranscript|>). Sampling (temperature > 0) draws from
-    `generator`, so a seeded generator makes the decode reproducible."""
+    the start sequence, which holds <|startoftranscript|>). Sampling (any temperature from
+    GREEDY_BELOW_TEMPERATURE up) draws from `generator`, so a seeded generator makes the decode
+    reproducible."""
     device = encoder_outputs.last_hidden_state.device
     suppressed = torch.tensor(list(suppressed_tokens), dtype=torch.long)
     start_index = prefix.index(tokens.start_of_transcript) if tokens.start_of_transcript in prefix else len(prefix) - 1
@@ -101,17 +110,18 @@ def decode_window(
     end_of_text_logprob: float | None = None
     with torch.inference_mode():
         next_input = torch.tensor([prefix], dtype=torch.long, device=device)
-        past_key_values = None
+        cache_keyword = decoder_cache_keyword(model)
+        cache = None
         sampled: list[int] = []
         logprobs: list[float] = []
         for step in range(max_new_tokens):
             output = model(
                 encoder_outputs=encoder_outputs,
                 decoder_input_ids=next_input,
-                past_key_values=past_key_values,
                 use_cache=True,
+                **{cache_keyword: cache},
             )
-            past_key_values = output.past_key_values
+            cache = getattr(output, cache_keyword)
             if step == 0 and tokens.no_speech is not None:
                 at_start = torch.softmax(output.logits[0, start_index].float(), dim=-1)
                 no_speech_probability = float(at_start[tokens.no_speech].item())

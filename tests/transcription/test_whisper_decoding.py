@@ -7,6 +7,7 @@ import torch
 from protoserve.server.transcription.whisper_decoding import (
     DecodedWindow,
     apply_timestamp_rules,
+    decoder_cache_keyword,
     split_segments,
 )
 from protoserve.server.transcription.whisper_tokens import WhisperTokens
@@ -109,3 +110,19 @@ def test_timestamps_forced_when_together_more_likely_than_any_text() -> None:
 
 def test_no_timestamp_beyond_the_audio_of_the_window() -> None:
     assert _allowed([stamp(0), 72], window_s=5.0).max() == stamp(5.0)
+
+
+def test_the_decoder_cache_goes_by_the_name_this_transformers_uses() -> None:
+    """`cache` since transformers deprecated `past_key_values` (removed in 5.40); older releases
+    (the GPU image's) know only `past_key_values`."""
+
+    class Current(torch.nn.Module):
+        def forward(self, decoder_input_ids: torch.Tensor, cache: object = None, use_cache: bool = True) -> None: ...
+
+    class Older(torch.nn.Module):
+        def forward(
+            self, decoder_input_ids: torch.Tensor, past_key_values: object = None, use_cache: bool = True
+        ) -> None: ...
+
+    assert decoder_cache_keyword(Current()) == "cache"
+    assert decoder_cache_keyword(Older()) == "past_key_values"
