@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from protoserve.client.agent.model_backends import ModelCallFailed, TextSink
@@ -32,6 +32,30 @@ def api_base_url(url: str) -> str:
     if not path.endswith("/v1"):
         path += "/v1"
     return urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, path, "", ""))
+
+
+# The longest event line taken: a tool call's arguments arrive whole in one event (the server holds
+# a call's pieces until it is complete), so a file-writing call can be megabytes long. The gRPC
+# message limit behind the translator is 64 MiB.
+MAX_EVENT_LINE_BYTES = 64 * 1024 * 1024
+
+
+async def event_lines(chunks: AsyncIterable[bytes], max_line_bytes: int = MAX_EVENT_LINE_BYTES) -> AsyncIterator[bytes]:
+    """The lines of a server-sent event stream (without their newline), from chunks cut anywhere.
+    aiohttp's own line reader refuses lines over 512 KiB; this one takes up to `max_line_bytes`
+    and raises ModelCallFailed beyond."""
+    pending = bytearray()  # the start of a line whose newline has not come yet
+    async for chunk in chunks:
+        start, search_from = 0, len(pending)  # the pending part holds no newline: search the chunk only
+        pending += chunk
+        while (end := pending.find(b"\n", search_from)) >= 0:
+            yield bytes(pending[start:end])
+            start = search_from = end + 1
+        del pending[:start]
+        if len(pending) > max_line_bytes:
+            raise ModelCallFailed(f"an event of the stream is longer than {max_line_bytes} bytes")
+    if pending:
+        yield bytes(pending)
 
 
 def _error_message(body: bytes) -> str:
@@ -109,7 +133,7 @@ class OpenAIModelBackend:
                 if response.status != 200:
                     detail = _error_message(await response.read())
                     raise ModelCallFailed(f"{self._base} answered HTTP {response.status}: {detail}")
-                async for raw_line in response.content:
+                async for raw_line in event_lines(response.content.iter_any()):
                     line = raw_line.decode("utf-8", "replace").strip()
                     if not line.startswith("data:"):
                         continue  # blank separators, comments, event names

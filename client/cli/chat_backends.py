@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -100,16 +101,24 @@ class OpenAIHttpBackend:
         return str(models[0]["id"])
 
     def stream_reply(self, messages: list[Message]) -> Iterator[str]:
+        """The reply's text; `timeout` bounds the whole reply (as the gRPC backend's deadline does),
+        not only each read."""
+        deadline = time.monotonic() + self._timeout
         if not self._model:
             self._model = self._default_model()
         body = {"model": self._model, "messages": messages, "stream": True, **self._sampling.as_dict()}
         connection, response = self._request("POST", "/v1/chat/completions", body)
-        return self._read_events(connection, response)
+        return self._read_events(connection, response, deadline)
 
-    def _read_events(self, connection: http.client.HTTPConnection, response: Any) -> Iterator[str]:
+    def _read_events(self, connection: http.client.HTTPConnection, response: Any, deadline: float) -> Iterator[str]:
         with contextlib.closing(connection):
             try:
                 for raw_line in response:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise ChatFailed(f"no whole reply from {self.url} within {self._timeout:g} s (--timeout)")
+                    if connection.sock is not None:
+                        connection.sock.settimeout(left)  # a stalled read ends at the deadline too
                     line = raw_line.decode("utf-8", "replace").strip()
                     if not line.startswith("data:"):
                         continue  # blank separators, comments, event names
@@ -117,6 +126,8 @@ class OpenAIHttpBackend:
                     if payload == "[DONE]":
                         return
                     yield from _event_text(payload)
+            except TimeoutError:
+                raise ChatFailed(f"no whole reply from {self.url} within {self._timeout:g} s (--timeout)") from None
             except (OSError, http.client.HTTPException) as error:
                 raise ChatFailed(f"the connection to {self.url} broke: {error}") from None
         raise ChatFailed(f"the stream from {self.url} ended without [DONE]")

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from protoserve.client.agent.model_backends import ModelCallFailed
-from protoserve.client.agent.openai_backend import OpenAIModelBackend, api_base_url
+from protoserve.client.agent.openai_backend import OpenAIModelBackend, api_base_url, event_lines
 
 aiohttp = pytest.importorskip("aiohttp")
 from aiohttp import web  # noqa: E402
@@ -101,6 +101,36 @@ async def test_no_tools_means_no_tool_fields(fake_openai: tuple[FakeOpenAI, str]
         await backend.close()
     assert turn.text == "hi" and "tools" not in fake.requests[0] and "tool_choice" not in fake.requests[0]
     assert fake.requests[0]["model"] == "chosen" and fake.headers == [""]
+
+
+async def test_a_tool_call_longer_than_aiohttps_line_limit(fake_openai: tuple[FakeOpenAI, str]) -> None:
+    """The server sends a call's arguments whole in one event: a big file to write is one long line
+    (aiohttp's readline stops at 512 KiB)."""
+    fake, url = fake_openai
+    content = "x" * 700_000
+    call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "write_file"}}
+    call["function"]["arguments"] = json.dumps({"path": "big.txt", "content": content})
+    fake.body = sse(delta_event({"tool_calls": [call]}), delta_event({}, finish_reason="tool_calls"))
+    backend = OpenAIModelBackend(url, model="m")
+    try:
+        turn = await backend.reply([{"role": "user", "content": "x"}], tools=[{}], tool_choice="auto", on_text=print)
+    finally:
+        await backend.close()
+    assert json.loads(turn.tool_calls[0].arguments)["content"] == content
+
+
+async def chunks_of(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+async def test_event_lines_from_chunks_cut_anywhere(size: int) -> None:
+    data = b"data: one\n\n: comment\ndata: two\r\n\nlast without newline"
+    lines = [line async for line in event_lines(chunks_of(data, size))]
+    assert lines == [b"data: one", b"", b": comment", b"data: two\r", b"", b"last without newline"]
+    with pytest.raises(ModelCallFailed, match="longer than 8 bytes"):
+        [line async for line in event_lines(chunks_of(b"short\n" + b"y" * 20, size), max_line_bytes=8)]
 
 
 @pytest.mark.parametrize(

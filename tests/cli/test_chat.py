@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,6 +59,15 @@ class FakeOpenAIHandler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
+        if last in ("drip", "stall"):  # a piece every 0.3 s for 3 s, or one piece and 3 s of silence
+            pieces = 10 if last == "drip" else 1
+            for _ in range(pieces):
+                chunk = {"id": "c1", "choices": [{"index": 0, "delta": {"content": "w "}, "finish_reason": None}]}
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                self.wfile.flush()
+                time.sleep(0.3 if last == "drip" else 3)
+            self.wfile.write(b"data: [DONE]\n\n")
+            return
         answer = answer_for(body["messages"])
         for piece in (answer[:7], answer[7:]):
             chunk = {"id": "c1", "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
@@ -110,6 +120,16 @@ def test_http_errors_drop_the_turn_and_set_the_exit_status(
     assert "unknown command /nonsense" in result.stderr
     assert handler.bodies[-1]["messages"] == [{"role": "user", "content": "ok"}]  # failed turns were dropped
     assert result.stdout.splitlines()[-1] == "answer 1 to ok"
+
+
+@pytest.mark.parametrize("last", ["drip", "stall"])
+def test_http_timeout_bounds_the_whole_reply(openai_server: tuple[str, type[FakeOpenAIHandler]], last: str) -> None:
+    """As over gRPC (a deadline), --timeout gives up on a reply still coming after that long, not
+    only on a read that waits that long."""
+    url, _ = openai_server
+    result = run_chat(["--url", url, "--model", "m", "--timeout", "1"], f"{last}\n")
+    assert result.returncode == 1  # the server would have finished the reply after 3 s
+    assert "within 1 s (--timeout)" in result.stderr
 
 
 def test_unreachable_and_bad_urls() -> None:
