@@ -4,18 +4,46 @@ The scanner follows JSON's structure (strings, escapes, nesting) closely enough 
 object is still arriving, the call's name as soon as its string is closed, and where the arguments
 value starts and ends, so the arguments can be streamed as they are generated. It also refuses
 characters that cannot appear in JSON outside strings and mismatched brackets, so a broken call is
-noticed early. The complete object is checked with `json.loads` by `result()`.
+noticed early. It also refuses a key that is not a valid JSON string, and a second "name" key or
+arguments key ("arguments" or "parameters"): `json.loads` would keep the last one, so the name
+announced and the arguments streamed while the object arrives would not be the call's.
+
+The complete object is checked by `result()` with a strict `json.loads`: NaN, Infinity and numbers
+beyond a float's range (which Python reads but JSON cannot carry), and integers too long for
+Python to read, make the call invalid, as does nesting too deep to parse. `result()` never raises.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 ARGUMENT_KEYS = ("arguments", "parameters")
 _BARE_VALUE_CHARACTERS = frozenset("0123456789-+.eEtruefalsn")
 _CLOSING = {"}": "{", "]": "["}
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 reads as infinity
+        raise ValueError(text)
+    return value
+
+
+def _refuse_constant(text: str) -> Any:
+    raise ValueError(text)  # NaN, Infinity, -Infinity
+
+
+def _decode(text: str) -> tuple[Any, str | None]:
+    """`text` read as strict JSON, and None; or None and why it is not (a RecursionError propagates)."""
+    try:
+        return json.loads(text, parse_float=_finite_float, parse_constant=_refuse_constant), None
+    except json.JSONDecodeError as error:
+        return None, error.msg
+    except ValueError:  # from the two above, or an integer over Python's digit limit
+        return None, "a number that is not finite, beyond a float's range or too long"
 
 
 @dataclass(frozen=True)
@@ -42,6 +70,7 @@ class CallObjectScanner:
         self.complete = False
         self.error: str | None = None
         self.name: str | None = None  # set once the "name" string value is closed
+        self._named = False  # a "name" key was read (its value may not be a string)
         self._stack: list[str] = []
         self._in_string = False
         self._escaped = False
@@ -114,10 +143,25 @@ class CallObjectScanner:
             self._in_string = False
             if len(self._stack) == 1:
                 if self._string_is_key:
-                    self._key = json.loads(self.text[self._key_start : index + 1])
-                    self._top_state = "colon"
+                    self._read_key(self.text[self._key_start : index + 1])
                 else:
                     self._end_top_value(index + 1)
+
+    def _read_key(self, text: str) -> None:
+        """Take a top-level key's JSON string; fail on a broken one, or a repeated name or arguments key."""
+        try:
+            key = json.loads(text)
+        except json.JSONDecodeError as error:  # a raw control character, a bad escape
+            self._fail(f"a key in the tool call is not a valid JSON string ({error.msg})")
+            return
+        if key == "name" and self._named:
+            self._fail('the tool call has more than one "name" key')
+            return
+        if key in ARGUMENT_KEYS and self.arguments_start is not None:
+            self._fail('the tool call has more than one arguments key ("arguments" or "parameters")')
+            return
+        self._named = self._named or key == "name"
+        self._key, self._top_state = key, "colon"
 
     def _step_top_level(self, character: str, index: int) -> None:
         state = self._top_state
@@ -167,14 +211,11 @@ class CallObjectScanner:
             self._fail(f"unexpected {character!r} where a value belongs in the tool call")
 
     def _end_top_value(self, end: int) -> None:
-        if self._key == "name":
-            value: Any = None
+        if self._key == "name" and self.text[self._value_start] == '"':  # not a deep array: no recursion
             try:
-                value = json.loads(self.text[self._value_start : end])
+                self.name = json.loads(self.text[self._value_start : end])
             except json.JSONDecodeError:
                 pass
-            if isinstance(value, str):
-                self.name = value
         self._top_state = "after_value"
         if self._key in ARGUMENT_KEYS:
             self.arguments_end = end
@@ -204,21 +245,25 @@ class CallObjectScanner:
     def result(self) -> CallObjectResult:
         """Check the complete object; arguments come back as generated, or compact when re-encoded."""
         try:
-            parsed = json.loads(self.text)
-        except json.JSONDecodeError as error:
-            return CallObjectResult("", "", f"the tool call is not valid JSON ({error.msg})")
+            return self._checked()
+        except RecursionError:  # json.loads, == or json.dumps on values nested too deep
+            return CallObjectResult("", "", "the tool call is not valid JSON (nested too deeply)")
+
+    def _checked(self) -> CallObjectResult:
+        parsed, problem = _decode(self.text)
+        if problem is not None:
+            return CallObjectResult("", "", f"the tool call is not valid JSON ({problem})")
         name = parsed.get("name")
         if not isinstance(name, str) or not name:
             return CallObjectResult("", "", 'the tool call has no "name" string')
         key = next((key for key in ARGUMENT_KEYS if key in parsed), None)
         arguments = parsed.get(key, {}) if key else {}
         if isinstance(arguments, str):  # some models send the arguments as a JSON string
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                return CallObjectResult(name, "", "the tool call's arguments string is not JSON")
+            arguments, problem = _decode(arguments)
+            if problem is not None:
+                return CallObjectResult(name, "", f"the tool call's arguments string is not JSON ({problem})")
         if not isinstance(arguments, dict):
             return CallObjectResult(name, "", "the tool call's arguments are not a JSON object")
-        if self.arguments_is_object and json.loads(self.arguments_so_far()) == arguments:
+        if self.arguments_is_object and _decode(self.arguments_so_far())[0] == arguments:
             return CallObjectResult(name, self.arguments_so_far())
         return CallObjectResult(name, json.dumps(arguments, ensure_ascii=False, separators=(",", ":")))

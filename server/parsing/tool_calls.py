@@ -291,7 +291,7 @@ class ToolCallStreamParser:
             self._next_index += 1
             events.append(ToolCallDelta(index=self._call_index, id=self._call_id, name=scanner.name))
         if self._call_index is not None and scanner.arguments_is_object:
-            arguments = scanner.arguments_so_far()
+            arguments = scanner.arguments_so_far()  # only grows: the scanner refuses a second arguments key
             if len(arguments) > self._streamed_arguments:
                 events.append(ToolCallDelta(index=self._call_index, arguments=arguments[self._streamed_arguments :]))
                 self._streamed_arguments = len(arguments)

@@ -275,3 +275,105 @@ def test_random_chunkings_agree_with_one_piece(fmt: str, data: st.DataObject) ->
     assert [(c["name"], c["arguments"]) for c in chunked.calls.values()] == [
         (c["name"], c["arguments"]) for c in whole.calls.values()
     ]
+
+
+def run_chunkings(fmt: str, text: str, sizes: tuple[int, ...] = (1, 2, 3, 7)) -> Joined:
+    """Like `run_every_chunking` for text too long to split every way: a few sizes and one piece."""
+    runs = [run(fmt, text, size) for size in (*sizes, len(text))]
+    first = runs[0]
+    for other in runs[1:]:
+        assert (other.text, other.errors, other.parsed) == (first.text, first.errors, first.parsed)
+        assert [(c["name"], c["arguments"]) for c in other.calls.values()] == [
+            (c["name"], c["arguments"]) for c in first.calls.values()
+        ]
+    return first
+
+
+@pytest.mark.parametrize(
+    ("call", "index"),
+    [
+        ('{"na\nme": "get_weather"}', None),  # a raw control character in a key
+        ('{"\\q": 1}', None),  # a bad escape
+        ('{"name": "get_weather", "argu\tments": {}}', 0),  # after the call was announced
+        ('{"name": "add", "\\u12x": 1}', 0),
+    ],
+)
+def test_key_that_is_not_a_json_string_is_a_refused_call(call: str, index: int | None) -> None:
+    joined = run_every_chunking("hermes", f"Sure. <tool_call>{call}</tool_call> ok")
+    assert joined.parsed == [] and joined.text == "Sure. ok"
+    [(error_index, raw, message)] = joined.errors
+    assert error_index == index and raw == call and "not a valid JSON string" in message
+
+
+@pytest.mark.parametrize(
+    ("call", "repeated"),
+    [
+        ('{"name": "get_weather", "arguments": {"city": "Oslo"}, "arguments": {"city": "Paris"}}', "arguments key"),
+        ('{"name": "add", "arguments": {"a": 1}, "parameters": {"b": 22}}', "arguments key"),
+        ('{"parameters": "{}", "name": "add", "arguments": {"b": 2}}', "arguments key"),
+        ('{"name": "add", "name": "get_weather", "arguments": {"city": "Oslo"}}', '"name" key'),
+        ('{"name": 1, "arguments": {}, "n\\u0061me": "add"}', '"name" key'),
+    ],
+)
+def test_repeated_name_or_arguments_key_is_a_refused_call(call: str, repeated: str) -> None:
+    """json.loads keeps the last one, the stream had announced the first: the call is refused."""
+    joined = run_every_chunking("hermes", f"<tool_call>{call}</tool_call>")
+    assert joined.parsed == [] and not joined.ended
+    [(_, raw, message)] = joined.errors
+    assert raw.startswith(call[:12]) and f"more than one {repeated}" in message
+    for announced in joined.calls.values():  # what streamed before the refusal is the first value, as written
+        assert announced["arguments"] in call
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        json.dumps({"name": "add", "arguments": '{"x": NaN}'}),
+        json.dumps({"name": "add", "arguments": '{"x": [1e999]}'}),
+        json.dumps({"name": "add", "arguments": '{"x": -Infinity}'}),
+        '{"name": "add", "arguments": {"x": 1e999}}',  # the object form: JSON's grammar, a float's range
+        '{"name": "add", "arguments": {"x": {"y": -1E400}}}',
+        '{"name": "add", "parameters": {"x": 1}, "type": 2e308}',
+    ],
+)
+def test_numbers_json_cannot_carry_make_the_call_invalid(call: str) -> None:
+    """NaN, Infinity and numbers beyond a float's range would come back as NaN/Infinity, not JSON."""
+    joined = run_every_chunking("hermes", f"<tool_call>{call}</tool_call>")
+    assert joined.parsed == []
+    [(_, raw, message)] = joined.errors
+    assert raw == call and "not finite" in message
+
+
+def test_mistral_v11_arguments_beyond_a_floats_range_make_the_call_invalid() -> None:
+    joined = run_every_chunking("mistral_v11", '[TOOL_CALLS]add[ARGS]{"x": 1e999}')
+    assert joined.parsed == [] and "not finite" in joined.errors[0][2]
+
+
+def test_finite_numbers_in_arguments_strings_still_parse() -> None:
+    call = json.dumps({"name": "add", "arguments": '{"x": 1.5e3, "y": -0.0, "z": 1e-999}'})
+    joined = run_every_chunking("hermes", f"<tool_call>{call}</tool_call>")
+    assert joined.parsed == [("add", '{"x":1500.0,"y":-0.0,"z":0.0}')] and not joined.errors
+
+
+def test_integer_too_long_for_python_makes_the_call_invalid() -> None:
+    call = '{"name": "add", "arguments": {"x": ' + "7" * 5000 + "}}"
+    joined = run_chunkings("hermes", f"<tool_call>{call}</tool_call>", sizes=(1, 999))
+    assert joined.parsed == [] and "too long" in joined.errors[0][2]
+
+
+DEEP = 3000  # beyond json.loads' recursion limit
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        '{"name": "add", "arguments": {"a": ' + "[" * DEEP + "]" * DEEP + "}}",
+        json.dumps({"name": "add", "arguments": '{"a": ' + "[" * DEEP + "]" * DEEP + "}"}),
+        '{"name": ' + "[" * DEEP + "]" * DEEP + ', "arguments": {}}',  # read while the call streams
+    ],
+)
+def test_nesting_too_deep_to_parse_makes_the_call_invalid(call: str) -> None:
+    joined = run_chunkings("hermes", f"<tool_call>{call}</tool_call> done", sizes=(1, 999))
+    assert joined.parsed == [] and joined.text == " done"
+    [(_, raw, message)] = joined.errors
+    assert raw == call and "nested too deeply" in message
