@@ -7,6 +7,7 @@ which only moves messages around). Every function is pure: a bad field raises
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import uuid
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from protoserve.server.chat.composer import ComposedText, ToolCallPiece
 from protoserve.server.engine.api import (
     CompletionDelta,
@@ -44,19 +45,36 @@ def _check_range(field: str, value: float, low: float, high: float, *, low_open:
         raise InvalidRequestError(f"sampling.{field} must be in {bracket}{low}, {high}], got {value}")
 
 
-def struct_to_python(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """A Struct as plain JSON data; whole numbers come back as ints (Struct stores every number as a double)."""
+def struct_to_python(struct: struct_pb2.Struct, field: str = "a Struct") -> dict[str, Any]:
+    """A Struct as plain JSON data; whole numbers come back as ints (Struct stores every number as a double).
 
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value)
-        if isinstance(value, dict):
-            return {key: clean(item) for key, item in value.items()}
-        if isinstance(value, list):
-            return [clean(item) for item in value]
-        return value
+    Binary protobuf can hold NaN and Infinity, which JSON cannot: they raise InvalidRequestError naming
+    `field` (the request field that holds the Struct) and where inside it the number is.
+    """
 
-    return clean(json_format.MessageToDict(struct))
+    def convert(value: struct_pb2.Value, path: str) -> Any:
+        kind = value.WhichOneof("kind")
+        if kind == "number_value":
+            number = value.number_value
+            if not math.isfinite(number):
+                raise InvalidRequestError(
+                    f"{field} has {number} at {path}; numbers must be finite (JSON has no NaN or Infinity)"
+                )
+            return int(number) if number.is_integer() and abs(number) < 2**53 else number
+        if kind == "string_value":
+            return value.string_value
+        if kind == "bool_value":
+            return value.bool_value
+        if kind == "struct_value":
+            return convert_struct(value.struct_value, path)
+        if kind == "list_value":
+            return [convert(item, f"{path}[{position}]") for position, item in enumerate(value.list_value.values)]
+        return None  # null_value, or no kind set
+
+    def convert_struct(struct: struct_pb2.Struct, path: str) -> dict[str, Any]:
+        return {key: convert(item, f"{path}.{key[:80]}" if path else key[:80]) for key, item in struct.fields.items()}
+
+    return convert_struct(struct, "")
 
 
 @dataclass(frozen=True)
@@ -77,7 +95,12 @@ def response_format_from_proto(response_format: common_pb2.ResponseFormat) -> Re
     if kind == common_pb2.ResponseFormat.TYPE_JSON_SCHEMA:
         if not response_format.HasField("json_schema"):
             raise InvalidRequestError("sampling.response_format.json_schema is required when type is JSON_SCHEMA")
-        schema = struct_to_python(response_format.json_schema)
+        schema = struct_to_python(response_format.json_schema, "sampling.response_format.json_schema")
+        if "$schema" in schema and not isinstance(schema["$schema"], str):  # validator_for() needs a string
+            raise InvalidRequestError(
+                "sampling.response_format.json_schema.$schema must be a string (the URI of a JSON Schema "
+                f"dialect), got {json.dumps(schema['$schema'])[:80]}"
+            )
         import jsonschema
 
         try:

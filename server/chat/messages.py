@@ -3,8 +3,9 @@
 What templates receive, per message: `role`; `content` as a string for text-only messages (text
 parts joined with newlines) or, when the message holds images, a list of `{"type": "text", "text"}`
 and `{"type": "image"}` parts in order; and when present `name`, `tool_calls` (arguments parsed
-from JSON into an object when they are valid JSON, as templates expect), `tool_call_id` and
-`reasoning_content`. The "developer" role is given to templates as "system", which every template knows.
+from JSON into an object when they are valid JSON nested at most `MAX_ARGUMENTS_DEPTH` deep, as
+templates expect; otherwise the raw text), `tool_call_id` and `reasoning_content`. The "developer"
+role is given to templates as "system", which every template knows.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from protoserve.v1 import generation_pb2
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 TEMPLATE_ROLE = {"developer": "system"}
+# Deeper tool call arguments reach the template as raw text: rendering walks them recursively.
+MAX_ARGUMENTS_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class Conversation:
 
     messages: list[dict[str, Any]]
     image_sources: list[bytes | str]
-    text_chars: int  # characters of text across all messages (reasoning and tool arguments included)
+    text_chars: int  # characters across all messages: text, reasoning, names, ids and tool calls' names and arguments
 
 
 def _image_source(image: generation_pb2.Image, where: str) -> bytes | str:
@@ -38,6 +41,15 @@ def _image_source(image: generation_pb2.Image, where: str) -> bytes | str:
     if kind == "url":
         return image.url
     raise InvalidRequestError(f"{where}.image has neither data nor url; set one of them")
+
+
+def _nesting_depth(value: Any) -> int:
+    """How many levels of objects and arrays `value` nests (without recursing, as the value may be deep)."""
+    depth, level = 0, [value]
+    while level := [item for item in level if isinstance(item, dict | list)]:
+        depth += 1
+        level = [child for item in level for child in (item.values() if isinstance(item, dict) else item)]
+    return depth
 
 
 def _tool_calls(message: generation_pb2.ChatMessage, where: str) -> list[dict[str, Any]]:
@@ -50,9 +62,9 @@ def _tool_calls(message: generation_pb2.ChatMessage, where: str) -> list[dict[st
         arguments: Any = call.function.arguments
         try:
             parsed = json.loads(arguments) if arguments else {}
-        except json.JSONDecodeError:
-            parsed = None  # earlier model output may be malformed; the template gets the raw text
-        if isinstance(parsed, dict):
+        except (json.JSONDecodeError, RecursionError):
+            parsed = None  # earlier model output may be malformed or absurdly nested; the template gets the raw text
+        if isinstance(parsed, dict) and _nesting_depth(parsed) <= MAX_ARGUMENTS_DEPTH:
             arguments = parsed
         calls.append(
             {"id": call.id, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
@@ -117,8 +129,13 @@ def _message(
     has_text = any(texts)
     if not (has_text or images or tool_calls or message.reasoning_content or message.role == "tool"):
         raise InvalidRequestError(f"{where} ({message.role}) is empty; give it text, an image or tool calls")
-    extra_chars = len(message.reasoning_content) + sum(len(call.function.arguments) for call in message.tool_calls)
-    return converted, images, text_chars + extra_chars
+    return converted, images, text_chars + _extra_chars(message)
+
+
+def _extra_chars(message: generation_pb2.ChatMessage) -> int:
+    """The characters of a message's fields besides its text parts that reach the template."""
+    calls = sum(len(call.id) + len(call.function.name) + len(call.function.arguments) for call in message.tool_calls)
+    return len(message.reasoning_content) + len(message.name) + len(message.tool_call_id) + calls
 
 
 def conversation_from_proto(

@@ -8,6 +8,7 @@ call into Python. On top of that, this module:
   template variable, never `chat_template`, `tokenize`, `messages` and the like;
 - passes on only the kwargs the template reads (anything else would reach a processor's own options,
   such as image sizes), caps their size, and caps the time one rendering may take;
+- refuses a rendered prompt longer than `max_prompt_chars` before it is tokenized;
 - asks the tokenizer to encode control tokens found in caller text (`<|im_end|>` typed by a user) as
   plain text (`sanitize_control_tokens`), so a message cannot forge another role's turn;
 - reports a template's own refusals (`raise_exception(...)`) as INVALID_ARGUMENT.
@@ -109,12 +110,41 @@ async def _run_bounded(work: Callable[[], _Result], limits: RequestLimits) -> _R
             f"rendering the chat template took longer than {limits.chat_template_timeout_s} s; "
             "shorten the conversation or chat_template_kwargs"
         ) from None
+    except InvalidRequestError:  # our own refusal from inside the work; already says what is wrong
+        raise
     except jinja2.TemplateError as error:
         raise InvalidRequestError(f"the model's chat template refused this conversation: {error}") from None
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
         raise InvalidRequestError(
             f"the model's chat template or processor could not handle this conversation: {error}"
         ) from None
+
+
+def _rendered_text(
+    tokenizer: Any,
+    template: str,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any],
+    limits: RequestLimits,
+) -> str:
+    """The rendered prompt text, refused when longer than `max_prompt_chars`. Runs in a worker thread."""
+    text = str(
+        tokenizer.apply_chat_template(
+            messages,
+            tools=tools or None,
+            chat_template=template,
+            add_generation_prompt=True,
+            tokenize=False,
+            **template_kwargs,
+        )
+    )
+    if len(text) > limits.max_prompt_chars:
+        raise InvalidRequestError(
+            f"the rendered conversation has {len(text)} characters; at most {limits.max_prompt_chars} allowed"
+        )
+    return text
 
 
 async def render_token_ids(
@@ -126,9 +156,14 @@ async def render_token_ids(
     template_kwargs: dict[str, Any],
     limits: RequestLimits,
 ) -> list[int]:
-    """The prompt token ids of a text-only conversation, with the generation prompt added."""
+    """The prompt token ids of a text-only conversation, with the generation prompt added.
+
+    The conversation is rendered as text first, so that a prompt over `max_prompt_chars` is refused
+    before it is tokenized (the tokenizing render must sanitize control tokens, so it cannot reuse that text).
+    """
 
     def render() -> list[int]:
+        _rendered_text(tokenizer, template, messages, tools=tools, template_kwargs=template_kwargs, limits=limits)
         ids = tokenizer.apply_chat_template(
             messages,
             tools=tools or None,
@@ -153,25 +188,14 @@ async def render_text(
     template_kwargs: dict[str, Any],
     limits: RequestLimits,
 ) -> str:
-    """The rendered prompt text (for processors that expand image placeholders themselves)."""
+    """The rendered prompt text (for processors that expand image placeholders themselves).
 
-    def render() -> str:
-        text = tokenizer.apply_chat_template(
-            messages,
-            tools=tools or None,
-            chat_template=template,
-            add_generation_prompt=True,
-            tokenize=False,
-            **template_kwargs,
-        )
-        return str(text)
-
-    text = await _run_bounded(render, limits)
-    if len(text) > limits.max_prompt_chars:
-        raise InvalidRequestError(
-            f"the rendered conversation has {len(text)} characters; at most {limits.max_prompt_chars} allowed"
-        )
-    return text
+    Refused when longer than `max_prompt_chars`.
+    """
+    render = functools.partial(
+        _rendered_text, tokenizer, template, messages, tools=tools, template_kwargs=template_kwargs, limits=limits
+    )
+    return await _run_bounded(render, limits)
 
 
 async def render_with_processor(
