@@ -37,8 +37,17 @@ soak: venv system-deps
 bench-engine: venv
 	$(BIN)/python scripts/bench_engine.py
 
-bench: venv
-	$(BIN)/python scripts/bench.py
+# transformers serve, the bench's baseline, in a venv of its own (its serving extras stay out of ours).
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed:
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q "$(TORCH_PIN)" "transformers[serving]" "$(TORCH_PIN)"
+	touch $@
+
+bench: venv $(BENCH_VENV)/.installed
+	$(BIN)/protoserve models fetch-demo
+	$(BIN)/python scripts/bench.py --ts-python $(BENCH_VENV)/bin/python
 
 # Wheels and tokenizer for an offline CUDA machine; there: `bash scripts/gpu_check.sh` (the GPU checks).
 gpu-kit: venv
