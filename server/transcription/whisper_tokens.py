@@ -45,6 +45,7 @@ class WhisperTokens:
         """Normalise a language given as a code ("en") or a name ("english"); refuse unknown ones."""
         wanted = language.strip().lower()
         code = TO_LANGUAGE_CODE.get(wanted, wanted)
+        code = next((current for current, older in _OLDER_LANGUAGE_CODES.items() if older == code), code)
         if code not in self.language_ids:
             raise InvalidRequestError(
                 f"unknown language {language!r}; use an ISO-639-1 code such as en, de, fr, es, ja"
@@ -75,13 +76,20 @@ def _optional_token_id(tokenizer: Any, names: tuple[str, ...]) -> int | None:
     return None
 
 
+# Older language codes that whisper vocabularies use for a token where transformers' list has the
+# current code: Hebrew is <|iw|> in the vocabularies converted here.
+_OLDER_LANGUAGE_CODES = {"he": "iw"}
+
+
 def whisper_tokens(tokenizer: Any, multilingual: bool) -> WhisperTokens:
     """Look up the special tokens; raises UnsupportedModelError when one is missing."""
     language_ids: dict[str, int] = {}
     for code in LANGUAGES:
-        token_id = tokenizer.convert_tokens_to_ids(f"<|{code}|>")
-        if token_id is not None and token_id != tokenizer.unk_token_id:
-            language_ids[code] = int(token_id)
+        for name in (code, _OLDER_LANGUAGE_CODES.get(code)):
+            token_id = tokenizer.convert_tokens_to_ids(f"<|{name}|>") if name else None
+            if token_id is not None and token_id != tokenizer.unk_token_id:
+                language_ids[code] = int(token_id)
+                break
     if not language_ids:
         raise UnsupportedModelError("the speech model's tokenizer has no language tokens; is it a whisper tokenizer?")
     return WhisperTokens(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import av
 import numpy as np
 import pytest
 from protoserve.server.engine.errors import InvalidRequestError
@@ -77,3 +81,67 @@ def test_image_bytes_are_not_audio() -> None:
     png = b"\x89PNG\r\n\x1a\n" + b"\0" * 200
     with pytest.raises(InvalidRequestError):
         decode_audio(png, filename="photo.png", max_seconds=60)
+
+
+def _wav(samples_by_channel: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
+    """A WAV file of (samples, channels) int16 or float32 samples, written by hand (any channel count)."""
+    channels = samples_by_channel.shape[1]
+    tag, width = (3, 4) if samples_by_channel.dtype == np.float32 else (1, 2)
+    block = channels * width
+    fmt = struct.pack("<4sIHHIIHH", b"fmt ", 16, tag, channels, rate, rate * block, block, width * 8)
+    data = samples_by_channel.astype("<f4" if tag == 3 else "<i2").tobytes()
+    body = b"WAVE" + fmt + struct.pack("<4sI", b"data", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.mark.parametrize("channels", [2, 6, 9, 13, 25])
+def test_any_channel_count_is_downmixed(channels: int) -> None:
+    """FFmpeg has no default layout (so no downmix) for 9, 11, 13, 15, 17-23 and 25+ channels: those
+    are averaged (the same tone in every channel stays at 0.3); FFmpeg's own downmix weighs channels."""
+    pcm = (_tone(1.0) * 32767).astype(np.int16)
+    clip = decode_audio(_wav(np.repeat(pcm[:, None], channels, axis=1)), filename="x.wav", max_seconds=10)
+    assert clip.duration == pytest.approx(1.0, abs=0.01)
+    peak = float(np.abs(clip.samples).max())
+    assert peak == pytest.approx(0.3, abs=0.01) if channels > 8 else 0.29 < peak <= 1.0
+
+
+@pytest.mark.parametrize(("amplitude", "peak"), [(0.5, 0.5), (4.0, 1.0), (1e20, 1.0)])
+def test_float_audio_beyond_full_scale_is_scaled_to_it(amplitude: float, peak: float) -> None:
+    """Samples of 1e18 and more made whisper's features NaN (INTERNAL when sampling from them)."""
+    tone = _tone(1.0) / np.float32(0.3) * np.float32(amplitude)
+    clip = decode_audio(_wav(tone[:, None]), filename="x.wav", max_seconds=10)
+    assert np.isfinite(clip.samples).all()
+    assert np.abs(clip.samples).max() == pytest.approx(peak, rel=0.01)
+
+
+class _UnseekableSink(io.RawIOBase):
+    """Where a live recorder writes: no seeking back, so the container never gets a duration."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.written += bytes(data)
+        return len(data)
+
+
+def test_too_long_live_recording_says_so(encode_audio: Callable[..., bytes]) -> None:
+    """A webm written as a browser's MediaRecorder does (no duration) was reported as corrupt."""
+    sink = _UnseekableSink()
+    rate = 48_000
+    with av.open(sink, mode="w", format="webm") as container:
+        stream = container.add_stream("libopus", rate=rate)
+        stream.layout = "mono"
+        pcm = (_tone(6.0, rate) * 32767).astype(np.int16)
+        for start in range(0, pcm.size, 960):
+            frame = av.AudioFrame.from_ndarray(pcm[None, start : start + 960], format="s16", layout="mono")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    with pytest.raises(InvalidRequestError, match="limit of 2 seconds"):
+        decode_audio(bytes(sink.written), filename="live.webm", max_seconds=2)
