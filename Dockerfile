@@ -4,7 +4,8 @@
 #   CUDA: docker build -t protoserve:cuda --build-arg VARIANT=cuda .
 # PyPI's Linux torch wheels carry their CUDA libraries, so the CUDA image needs no CUDA base image:
 # the node's NVIDIA container runtime provides the driver. No weights are baked in: mount a volume
-# at /models, or set PROTOSERVE_FETCH_DEMO=1 to fetch the demo models at start.
+# at /models and list its folders in PROTOSERVE_MODELS, or set PROTOSERVE_FETCH_DEMO=1 (and no
+# PROTOSERVE_MODELS) to fetch the demo models into $PROTOSERVE_CACHE_DIR at start and serve them.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 

@@ -16,13 +16,15 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from protoserve.client.cli.supervisor import ChildProcess, Supervisor, wait_for_tcp_port
 
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8000
+DEFAULT_DRAIN_GRACE = 30.0  # serve's --drain-grace default
+STOP_TIMEOUT_OVER_DRAIN_GRACE = 30.0  # the default --stop-timeout is the drain grace plus this
 # The server's --tool-parser choices (protoserve.server.cli); the client does not import the server.
 TOOL_PARSERS = ("auto", "hermes", "llama3", "mistral", "mistral_v11", "none")
 _ANY_IPV4_ADDRESS = {"0.0.0.0", ""}
@@ -64,7 +66,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="passed to serve: CPU: torch's ops only, no C++ kernels built on this machine",
     )
-    parser.add_argument("--api-key", metavar="KEY", help="required by both servers; the translator sends it upstream")
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="required by both servers; the translator sends it upstream (shows in `ps`: prefer --api-key-file)",
+    )
+    keys.add_argument(
+        "--api-key-file",
+        type=_api_key_file,
+        metavar="PATH",
+        help="a file of API keys, one a line, as serve reads it (blank lines and # comments skipped): both "
+        "servers accept each, the translator sends the first upstream; no key shows on a command line",
+    )
     parser.add_argument(
         "--startup-timeout",
         type=_positive_seconds,
@@ -73,11 +87,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="give up when a server is not ready after this long (default 600)",
     )
     parser.add_argument(
+        "--drain-grace",
+        type=_non_negative_seconds,
+        metavar="SECONDS",
+        help=f"passed to serve: on SIGTERM, how long in-flight requests may take to finish "
+        f"(default {DEFAULT_DRAIN_GRACE:g})",
+    )
+    parser.add_argument(
         "--stop-timeout",
         type=_positive_seconds,
-        default=60.0,
         metavar="SECONDS",
-        help="after a shutdown signal, kill children still running after this long (default 60)",
+        help="after a shutdown signal, kill children still running after this long "
+        f"(default: the drain grace + {STOP_TIMEOUT_OVER_DRAIN_GRACE:g}, i.e. "
+        f"{DEFAULT_DRAIN_GRACE + STOP_TIMEOUT_OVER_DRAIN_GRACE:g})",
     )
 
 
@@ -102,13 +124,56 @@ def _positive_count(text: str) -> int:
 
 
 def _positive_seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    seconds = _seconds(text)
     if not seconds > 0:
         raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
     return seconds
+
+
+def _non_negative_seconds(text: str) -> float:
+    seconds = _seconds(text)
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 seconds or more")
+    return seconds
+
+
+def _seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+
+
+def read_api_keys(text: str) -> list[str]:
+    """The keys of an API key file's text, one a line: stripped; blank lines and '#' comments skipped.
+
+    The same rule as the server's `read_api_key_file` and the translator's key files (the client does
+    not import the server; tests/cli/test_up.py checks that the two agree).
+    """
+    keys = [line.strip() for line in text.splitlines()]
+    return [key for key in keys if key and not key.startswith("#")]
+
+
+@dataclass(frozen=True)
+class ApiKeyFile:
+    """A readable file holding at least one API key; `first_key` is the one `up` itself sends."""
+
+    path: Path
+    first_key: str = field(repr=False)
+
+
+def _api_key_file(text: str) -> ApiKeyFile:
+    """--api-key-file: read now, so an unreadable or keyless file is a usage error before anything starts."""
+    path = Path(text)
+    try:
+        keys = read_api_keys(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not UTF-8 text") from None
+    if not keys:
+        raise argparse.ArgumentTypeError(f"{text!r} holds no API key (one a line; blank and # lines are skipped)")
+    return ApiKeyFile(path, keys[0])
 
 
 @dataclass(frozen=True)
@@ -149,11 +214,15 @@ def plan_children(
 ) -> UpPlan:
     """The children's command lines for `args`; `demo_model_folders` gives the default models.
 
-    With `--api-key`, both children read the key from `api_key_file` (written by `run`, mode 0600),
-    so it never appears on a command line that `ps` shows.
+    With `--api-key`, both children read the key from `api_key_file` (written by `run`, mode 0600);
+    with `--api-key-file`, from that file. Either way no key appears on a command line that `ps` shows.
     """
     if args.api_key and api_key_file is None:
         raise ValueError("an API key needs api_key_file, the private file the children read it from")
+    given_key_file: ApiKeyFile | None = args.api_key_file
+    children_key_file = given_key_file.path if given_key_file else api_key_file if args.api_key else None
+    drain_grace = DEFAULT_DRAIN_GRACE if args.drain_grace is None else args.drain_grace
+    stop_timeout = drain_grace + STOP_TIMEOUT_OVER_DRAIN_GRACE if args.stop_timeout is None else args.stop_timeout
     models = list(args.model or ())
     if not models:
         if demo_model_folders is None:
@@ -175,20 +244,22 @@ def plan_children(
         server += ["--no-packed-weights"]
     if args.no_cpu_kernels:
         server += ["--no-cpu-kernels"]
+    if args.drain_grace is not None:
+        server += ["--drain-grace", str(args.drain_grace)]
     translator = [*protoserve_command, "translate", "--host", args.host, "--port", str(args.http_port)]
     translator += ["--upstream", f"{grpc_host}:{args.grpc_port}"]
-    if args.api_key:
-        server += ["--api-key-file", str(api_key_file)]
-        translator += ["--api-key-file", str(api_key_file), "--upstream-api-key-file", str(api_key_file)]
+    if children_key_file is not None:
+        server += ["--api-key-file", str(children_key_file)]
+        translator += ["--api-key-file", str(children_key_file), "--upstream-api-key-file", str(children_key_file)]
     return UpPlan(
         server_command=tuple(server),
         translator_command=tuple(translator),
         grpc_target=f"{grpc_host}:{args.grpc_port}",
         http_host=reachable,
         http_port=args.http_port,
-        api_key=args.api_key,
+        api_key=args.api_key or (given_key_file.first_key if given_key_file else None),
         startup_timeout=args.startup_timeout,
-        stop_timeout=args.stop_timeout,
+        stop_timeout=stop_timeout,
     )
 
 

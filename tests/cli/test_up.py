@@ -138,13 +138,95 @@ def test_plan_defaults_to_the_three_demo_models() -> None:
 @pytest.mark.parametrize(
     "arguments",
     [["--grpc-port", "0"], ["--http-port", "70000"], ["--grpc-port", "web"], ["--startup-timeout", "0"],
-     ["--dtype", "float8"], ["--stop-timeout", "soon"], ["--tool-parser", "xml"]],
+     ["--dtype", "float8"], ["--stop-timeout", "soon"], ["--tool-parser", "xml"], ["--drain-grace", "-1"],
+     ["--drain-grace", "later"]],
 )  # fmt: skip
 def test_bad_arguments_are_usage_errors(arguments: list[str], capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exited:
         parse(*arguments)
     assert exited.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+KEY_FILE_TEXT = "  sk-file-key \t\n\n# an old key, commented out\nsk-second-key\n"
+
+
+def test_api_key_file_reaches_both_children_and_no_command_line(tmp_path: Path) -> None:
+    key_file = tmp_path / "api-keys"
+    key_file.write_text(KEY_FILE_TEXT)
+    args = parse("--model", "/m/a", "--grpc-port", "6000", "--http-port", "6001", "--api-key-file", str(key_file))
+    plan = up.plan_children(args, protoserve_command=("protoserve",))
+    assert plan.server_command[-2:] == ("--api-key-file", str(key_file))
+    assert plan.translator_command[-4:] == (
+        "--api-key-file", str(key_file), "--upstream-api-key-file", str(key_file),
+    )  # fmt: skip
+    assert plan.api_key == "sk-file-key", "up's own health check sends the first key, stripped"
+    for word in (*plan.server_command, *plan.translator_command):
+        assert "sk-file-key" not in word and "sk-second-key" not in word, word
+    assert "sk-file-key" not in repr(args)
+
+
+def test_run_hands_the_given_key_file_to_the_children(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key_file = tmp_path / "api-keys"
+    key_file.write_text(KEY_FILE_TEXT)
+    plans: list[up.UpPlan] = []
+    monkeypatch.setattr(up, "run_plan", lambda plan: plans.append(plan) or 0)
+    assert up.run(parse("--model", "/m/a", "--api-key-file", str(key_file))) == 0
+    (plan,) = plans
+    assert plan.server_command[-2:] == ("--api-key-file", str(key_file)) and plan.api_key == "sk-file-key"
+
+
+def test_api_key_file_is_read_as_the_server_reads_it(tmp_path: Path) -> None:
+    from protoserve.server.auth import read_api_key_file  # grpc only, no torch
+
+    path = tmp_path / "api-keys"
+    path.write_text(KEY_FILE_TEXT)
+    assert up.read_api_keys(KEY_FILE_TEXT) == read_api_key_file(path) == ["sk-file-key", "sk-second-key"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(None, "cannot read"), ("", "holds no API key"), (" \n\t\n", "holds no API key"),
+     ("# only a comment\n", "holds no API key"), (b"\xff\xfe", "is not UTF-8 text")],
+)  # fmt: skip
+def test_an_unusable_api_key_file_is_a_usage_error(
+    content: str | bytes | None, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    key_file = tmp_path / "api-keys"
+    if isinstance(content, bytes):
+        key_file.write_bytes(content)
+    elif content is not None:
+        key_file.write_text(content)
+    with pytest.raises(SystemExit) as exited:
+        parse("--api-key-file", str(key_file))
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --api-key-file" in error and message in error and str(key_file) in error
+
+
+def test_a_folder_is_not_an_api_key_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse("--api-key-file", str(tmp_path))
+    assert exited.value.code == 2 and "cannot read" in capsys.readouterr().err
+
+
+def test_api_key_and_api_key_file_exclude_each_other(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    key_file = tmp_path / "api-keys"
+    key_file.write_text("sk-file-key\n")
+    with pytest.raises(SystemExit) as exited:
+        parse("--api-key", "k", "--api-key-file", str(key_file))
+    assert exited.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_drain_grace_goes_to_serve_and_sets_the_default_stop_timeout() -> None:
+    plan = up.plan_children(parse("--model", "/m", "--drain-grace", "45"), protoserve_command=("protoserve",))
+    assert plan.server_command[-2:] == ("--drain-grace", "45.0")
+    assert "--drain-grace" not in plan.translator_command
+    assert plan.stop_timeout == 75.0, "children get the drain grace and 30 s more before they are killed"
+    default = up.plan_children(parse("--model", "/m"), protoserve_command=("protoserve",))
+    assert "--drain-grace" not in default.server_command and default.stop_timeout == 60.0
+    explicit = up.plan_children(parse("--model", "/m", "--drain-grace", "45", "--stop-timeout", "50"))
+    assert explicit.stop_timeout == 50.0
 
 
 def test_no_demo_models_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

@@ -32,6 +32,7 @@ from protoserve.client import AsyncProtoserveClient, ProtoserveClient, Unauthent
 from protoserve.client.cli import up
 from protoserve.server.cli import add_serve_arguments
 from protoserve.server.config import ServerConfig
+from protoserve.server.demo_models.fetch import DEMO_RECIPES
 from protoserve.translator.cli import add_translate_arguments, config_from_arguments
 
 from deploy.processes import (
@@ -54,6 +55,16 @@ FLAG_ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "translate": add_translate_arguments,
     "up": up.add_arguments,
 }
+SERVING_ROLES = ("server", "up")  # the roles that serve models; the translator serves none
+# A stand-in `protoserve` put first on PATH: it records each call (one a line) and answers
+# `models fetch-demo --cache-dir DIR` as the real one does, so a test sees what the entrypoint ran.
+FAKE_PROTOSERVE = """#!/bin/sh
+printf '%s\\n' "$*" >> "$FAKE_PROTOSERVE_CALLS"
+if [ "$1 $2" = "models fetch-demo" ]; then
+    if [ "${FAKE_FETCH_FAILS:-0}" = 1 ]; then echo "could not fetch the demo models" >&2; exit 1; fi
+    echo "chat: $4/smollm2-135m-instruct"
+fi
+"""
 
 
 def configmap_data() -> dict[str, str]:
@@ -81,6 +92,33 @@ def run_entrypoint(environment: Mapping[str, str], timeout: float = 30.0) -> sub
     return subprocess.run(
         ["sh", str(ENTRYPOINT)], env=child_environment(environment), capture_output=True, text=True, timeout=timeout
     )
+
+
+def image_cache_dir() -> str:
+    """The image's PROTOSERVE_CACHE_DIR (Dockerfile ENV): where PROTOSERVE_FETCH_DEMO=1 puts the demo models."""
+    match = re.search(r"PROTOSERVE_CACHE_DIR=(\S+)", (ROOT / "Dockerfile").read_text())
+    assert match is not None
+    return match.group(1)
+
+
+class FakeProtoserve:
+    """Runs the entrypoint for real, but with the fake `protoserve` first on PATH."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        (folder / "bin").mkdir()
+        program = folder / "bin" / "protoserve"
+        program.write_text(FAKE_PROTOSERVE)
+        program.chmod(0o755)
+        self.calls_file = folder / "calls"
+
+    def run(self, environment: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
+        path = f"{self.folder / 'bin'}{os.pathsep}{os.environ['PATH']}"
+        return run_entrypoint({**environment, "PATH": path, "FAKE_PROTOSERVE_CALLS": str(self.calls_file)})
+
+    def calls(self) -> list[list[str]]:
+        text = self.calls_file.read_text() if self.calls_file.exists() else ""
+        return [line.split() for line in text.splitlines()]
 
 
 def parse_dry_run(line: str) -> tuple[str, argparse.Namespace]:
@@ -128,10 +166,11 @@ def test_every_container_of_the_pod_gets_a_command_its_parser_accepts(
         assert args.api_key_file == key_file and translator.upstream_api_key == API_KEY
 
 
-def test_an_empty_key_secret_means_no_authentication(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content", ["", "\n  \n", "# no keys yet\n\n"])
+def test_an_empty_key_secret_means_no_authentication(content: str, tmp_path: Path) -> None:
     empty = tmp_path / "api-keys"
-    empty.write_text("\n  \n")
-    for role in ("server", "translator"):
+    empty.write_text(content)
+    for role in ("server", "translator", "up"):
         environment = configmap_data() | {"PROTOSERVE_ROLE": role, "PROTOSERVE_DRY_RUN": "1"}
         environment["PROTOSERVE_API_KEY_FILE"] = str(empty)
         result = run_entrypoint(environment)
@@ -165,6 +204,138 @@ def test_an_unknown_role_exits_2_naming_the_roles(role: str) -> None:
     assert result.returncode == 2
     assert "PROTOSERVE_ROLE must be server, translator or up" in result.stderr
     assert result.stdout == ""
+
+
+# --- the models of the serving roles: PROTOSERVE_MODELS, or the demo models with PROTOSERVE_FETCH_DEMO=1 --
+
+
+def demo_configmap(cache_dir: str) -> dict[str, str]:
+    """The ConfigMap switched to the demo models as docs/deploying.md says, plus the image's cache dir."""
+    return configmap_data() | {"PROTOSERVE_FETCH_DEMO": "1", "PROTOSERVE_MODELS": "", "PROTOSERVE_CACHE_DIR": cache_dir}
+
+
+def test_the_shipped_configmap_serves_its_models_and_fetches_nothing(tmp_path: Path) -> None:
+    config = configmap_data()
+    assert config["PROTOSERVE_FETCH_DEMO"] == "0" and config["PROTOSERVE_MODELS"]
+    fake = FakeProtoserve(tmp_path)
+    for container in ("server", "translator"):
+        result = fake.run(container_environment(rendered_deployment("base"), container))
+        assert result.returncode == 0, result.stderr
+    assert [call[0] for call in fake.calls()] == ["serve", "translate"]
+    assert "fetch-demo" not in str(fake.calls())
+
+
+@pytest.mark.parametrize("overlay", ["base", "gpu"])
+def test_fetch_demo_in_the_configmap_makes_the_server_serve_the_demo_models(overlay: str, tmp_path: Path) -> None:
+    """Dry run of both containers: the server prints the fetch, then serve with the demo folders the
+    fetch makes in the cache; the translator sidecar (no models volume, read-only root) fetches nothing."""
+    cache = image_cache_dir()
+    fake = FakeProtoserve(tmp_path)
+    outputs = {}
+    for container in ("server", "translator"):
+        environment = container_environment(rendered_deployment(overlay), container)
+        environment.update(demo_configmap(cache), PROTOSERVE_DRY_RUN="1")
+        result = fake.run(environment)
+        assert result.returncode == 0, result.stderr
+        outputs[container] = result.stdout.splitlines()
+    assert fake.calls() == [], "a dry run runs nothing"
+    fetch, serve = outputs["server"]
+    assert shlex.split(fetch) == ["protoserve", "models", "fetch-demo", "--cache-dir", cache]
+    command, args = parse_dry_run(serve)
+    demo_folders = [f"{cache}/{recipe.folder_name}" for recipe in DEMO_RECIPES]
+    assert command == "serve"
+    assert [spec.path for spec in ServerConfig.from_args(args).models] == demo_folders
+    (translate,) = outputs["translator"]
+    assert parse_dry_run(translate)[0] == "translate"
+
+
+@pytest.mark.parametrize("role", SERVING_ROLES)
+def test_fetch_demo_fetches_first_then_serves_the_demo_folders(role: str, tmp_path: Path) -> None:
+    cache = str(tmp_path / "cache")
+    fake = FakeProtoserve(tmp_path)
+    result = fake.run(demo_configmap(cache) | {"PROTOSERVE_ROLE": role})
+    assert result.returncode == 0, result.stderr
+    fetch, served = fake.calls()
+    assert fetch == ["models", "fetch-demo", "--cache-dir", cache]
+    assert served[0] == {"server": "serve", "up": "up"}[role]
+    models = [served[index + 1] for index, word in enumerate(served) if word == "--model"]
+    assert models == [f"{cache}/{recipe.folder_name}" for recipe in DEMO_RECIPES]
+    # The fetch's own output goes to the log (stderr), never into the command line.
+    assert f"chat: {cache}/smollm2-135m-instruct" in result.stderr
+
+
+def test_the_translator_never_fetches(tmp_path: Path) -> None:
+    fake = FakeProtoserve(tmp_path)
+    result = fake.run(demo_configmap(image_cache_dir()) | {"PROTOSERVE_ROLE": "translator"})
+    assert result.returncode == 0, result.stderr
+    assert [call[0] for call in fake.calls()] == ["translate"]
+
+
+@pytest.mark.parametrize("role", SERVING_ROLES)
+def test_a_failed_fetch_stops_the_container_before_serving(role: str, tmp_path: Path) -> None:
+    fake = FakeProtoserve(tmp_path)
+    result = fake.run(demo_configmap(str(tmp_path / "cache")) | {"PROTOSERVE_ROLE": role, "FAKE_FETCH_FAILS": "1"})
+    assert result.returncode != 0
+    assert "could not fetch the demo models" in result.stderr
+    assert [call[:2] for call in fake.calls()] == [["models", "fetch-demo"]]
+
+
+@pytest.mark.parametrize("dry_run", ["0", "1"])
+@pytest.mark.parametrize("role", SERVING_ROLES)
+def test_fetch_demo_and_models_together_is_an_error_naming_both(role: str, dry_run: str, tmp_path: Path) -> None:
+    fake = FakeProtoserve(tmp_path)
+    environment = configmap_data() | {"PROTOSERVE_ROLE": role, "PROTOSERVE_FETCH_DEMO": "1"}
+    result = fake.run(environment | {"PROTOSERVE_DRY_RUN": dry_run})
+    assert result.returncode == 2
+    assert "PROTOSERVE_FETCH_DEMO=1 and PROTOSERVE_MODELS='/models/SmolLM2-135M-Instruct'" in result.stderr
+    assert 'set PROTOSERVE_MODELS to "" to serve the demo models' in result.stderr
+    assert result.stdout == "" and fake.calls() == []
+
+
+@pytest.mark.parametrize("dry_run", ["0", "1"])
+@pytest.mark.parametrize("role", SERVING_ROLES)
+def test_no_models_and_no_demo_is_an_error_not_a_fetch(role: str, dry_run: str, tmp_path: Path) -> None:
+    fake = FakeProtoserve(tmp_path)
+    result = fake.run({"PROTOSERVE_ROLE": role, "PROTOSERVE_MODELS": " ", "PROTOSERVE_DRY_RUN": dry_run})
+    assert result.returncode == 2
+    assert "no models: set PROTOSERVE_MODELS" in result.stderr and "PROTOSERVE_FETCH_DEMO=1" in result.stderr
+    assert result.stdout == "" and fake.calls() == []
+
+
+@pytest.mark.parametrize("value", ["true", "yes", "2"])
+def test_fetch_demo_takes_only_1_or_0(value: str, tmp_path: Path) -> None:
+    fake = FakeProtoserve(tmp_path)
+    result = fake.run({"PROTOSERVE_ROLE": "server", "PROTOSERVE_FETCH_DEMO": value, "PROTOSERVE_MODELS": ""})
+    assert result.returncode == 2
+    assert f"PROTOSERVE_FETCH_DEMO must be 1 or 0, not '{value}'" in result.stderr
+    assert fake.calls() == []
+
+
+def test_up_role_takes_the_key_file_and_the_drain_grace(tmp_path: Path) -> None:
+    """`up` gets PROTOSERVE_API_KEY_FILE and PROTOSERVE_DRAIN_GRACE as the server role does, and passes
+    them on to its children; the key itself is on no command line."""
+    key_file = tmp_path / "api-keys"
+    key_file.write_text(f"{API_KEY}\nsk-second-key\n")
+    environment = configmap_data() | {"PROTOSERVE_ROLE": "up", "PROTOSERVE_DRY_RUN": "1"}
+    environment.update(PROTOSERVE_API_KEY_FILE=str(key_file), PROTOSERVE_DRAIN_GRACE="42")
+    result = run_entrypoint(environment)
+    assert result.returncode == 0, result.stderr
+    assert API_KEY not in result.stdout
+    command, args = parse_dry_run(result.stdout)
+    assert command == "up"
+    assert args.api_key_file.path == key_file and args.drain_grace == 42.0
+    assert args.model == configmap_data()["PROTOSERVE_MODELS"].split()
+    plan = up.plan_children(args, protoserve_command=("protoserve",))
+    assert plan.api_key == API_KEY and plan.stop_timeout > 42.0
+    for child_command in (plan.server_command, plan.translator_command):
+        assert not any(API_KEY in word or "sk-second-key" in word for word in child_command), child_command
+    serve_command, serve_args = parse_dry_run(shlex.join(plan.server_command))
+    server = ServerConfig.from_args(serve_args)
+    assert serve_command == "serve"
+    assert server.api_keys == (API_KEY, "sk-second-key") and server.drain_grace_seconds == 42.0
+    translate_command, translate_args = parse_dry_run(shlex.join(plan.translator_command))
+    translator = config_from_arguments(translate_args)
+    assert translator.api_keys == (API_KEY, "sk-second-key") and translator.upstream_api_key == API_KEY
 
 
 def test_the_entrypoint_is_posix_sh_that_passes_shellcheck() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -134,3 +135,45 @@ def test_image_never_copies_weights() -> None:
     assert ignore[1] == "*" or "*" in ignore, "the .dockerignore must start from nothing"
     for line in ignore:
         assert not line.startswith("!") or not line.rstrip("/").endswith(("models", ".venv", "cache")), line
+
+
+def _pod_claims(deployment: dict[str, Any]) -> dict[str, str]:
+    """Volume name -> claim name, for the pod's PersistentVolumeClaim volumes."""
+    volumes = deployment["spec"]["template"]["spec"]["volumes"]
+    return {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v}
+
+
+@pytest.mark.parametrize("overlay", ["base", "gpu"])
+def test_every_replica_can_mount_the_claims_on_any_node(overlay: str) -> None:
+    """Replicas (and the HPA's) land on several nodes: a ReadWriteOnce claim attaches to one node only.
+    A claim mounted writable must be ReadWriteMany; ReadOnlyMany would do for read-only mounts."""
+    resources = _base_resources()
+    deployment = resources["Deployment/protoserve"] if overlay == "base" else _render_gpu_deployment()
+    hpa = resources["HorizontalPodAutoscaler/protoserve"]["spec"]
+    assert max(deployment["spec"]["replicas"], hpa["maxReplicas"]) > 1
+    claims = _pod_claims(deployment)
+    assert claims, "the pod mounts the models claim"
+    for volume, claim in claims.items():
+        modes = set(resources[f"PersistentVolumeClaim/{claim}"]["spec"]["accessModes"])
+        assert "ReadWriteOnce" not in modes and "ReadWriteOncePod" not in modes, claim
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            for mount in container.get("volumeMounts", []):
+                if mount["name"] == volume:
+                    allowed = {"ReadWriteMany", "ReadOnlyMany"} if mount.get("readOnly") else {"ReadWriteMany"}
+                    assert modes & allowed, (container["name"], claim, modes)
+
+
+def test_only_the_server_mounts_the_models_and_can_write_its_caches_there() -> None:
+    """The entrypoint fetches the demo models into PROTOSERVE_CACHE_DIR in the server role only; that
+    folder must be on the server's writable models mount (the root filesystem is read-only)."""
+    deployment = _base_resources()["Deployment/protoserve"]
+    models_volume = next(name for name, claim in _pod_claims(deployment).items() if claim == "protoserve-models")
+    (mount,) = [m for m in _container(deployment, "server")["volumeMounts"] if m["name"] == models_volume]
+    assert not mount.get("readOnly", False)
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for variable in ("PROTOSERVE_CACHE_DIR", "PROTOSERVE_KERNEL_CACHE_DIR", "HF_HOME"):
+        match = re.search(rf"{variable}=(\S+)", dockerfile)
+        assert match is not None, variable
+        assert Path(match.group(1)).is_relative_to(mount["mountPath"]), variable
+    translator_mounts = {m["name"] for m in _container(deployment, "translator")["volumeMounts"]}
+    assert models_volume not in translator_mounts
