@@ -288,21 +288,31 @@ class ModelRegistry:
         return True
 
     async def unload_idle(self) -> list[str]:
-        """Unload on-demand models idle for `idle_unload_seconds`; returns their ids."""
+        """Unload on-demand models idle for `idle_unload_seconds`; returns their ids.
+
+        Releasing a model awaits its engine's shutdown, during which requests may lease (or an
+        UnloadModel call may unload) the other candidates. So each one is checked again just before it
+        is removed, with no await between that check and the removal.
+        """
         if self._idle_unload_seconds is None:
             return []
         now = self._clock()
-        idle = [
+        candidates = [
             model_id
             for model_id, served in list(self._models.items())
             if model_id not in self._startup_ids and self._is_idle(model_id, served, now)
         ]
-        for model_id in idle:
-            served = self._models.pop(model_id)
+        unloaded = []
+        for model_id in candidates:
+            served = self._models.get(model_id)
+            if served is None or not self._is_idle(model_id, served, self._clock()):
+                continue  # unloaded, or in use again, while an earlier candidate was being released
+            self._models.pop(model_id, None)
             self._last_used.pop(model_id, None)
+            unloaded.append(model_id)
             await _release(served)
             logger.info("unloaded model %s after %.0fs idle", model_id, self._idle_unload_seconds)
-        return idle
+        return unloaded
 
     def _ensure_idle_unloader(self) -> None:
         if self._idle_unload_seconds is None or self._idle_task is not None:
@@ -320,13 +330,17 @@ class ModelRegistry:
         self._idle_task = asyncio.get_running_loop().create_task(unload_idle_forever())
 
     async def shutdown(self) -> None:
-        """Stop the idle unloader and every engine."""
+        """Stop the idle unloader and every engine; the registry is empty afterwards."""
         if self._idle_task is not None:
             self._idle_task.cancel()
             with suppress(asyncio.CancelledError):
                 await self._idle_task
             self._idle_task = None
-        for served in list(self._models.values()):
+        while self._models:
+            # Removed before its release is awaited, so a concurrent unload never releases it twice.
+            model_id = next(iter(self._models))
+            served = self._models.pop(model_id)
+            self._last_used.pop(model_id, None)
             await _release(served)
 
     def list(self) -> list[ModelDescription]:  # noqa: A003 - the name the ModelService speaks

@@ -3,6 +3,8 @@
 Order of work, cheapest checks first: the conversation, tools and template kwargs are validated;
 the template is rendered (in a worker thread, time-capped); a conversation with images is checked
 against the context length before any image is loaded, then its images are loaded and processed.
+For a reasoning model, the template is also rendered as text with and without the generation prompt:
+only what the generation prompt adds decides whether the reply starts inside a reasoning section.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
 from protoserve.server.chat.composer import ChoiceComposer
 from protoserve.server.chat.images import load_images, processed_prompt
 from protoserve.server.chat.messages import conversation_from_proto
@@ -29,7 +32,9 @@ from protoserve.server.engine.api import MultimodalInputs
 from protoserve.server.limits import RequestLimits
 from protoserve.v1 import generation_pb2
 
-# How many prompt tokens are decoded to see whether the generation prompt opened a reasoning section.
+# How many prompt tokens are decoded to see whether the generation prompt opened a reasoning section,
+# when what the generation prompt adds cannot be told apart from the conversation (see
+# `generation_prompt_suffix`).
 REASONING_TAIL_TOKENS = 16
 
 
@@ -100,7 +105,9 @@ async def prepare_chat_prompt(
         tool_parser_name = resolve_tool_parser_name(plan, tool_parser_setting, detected, model_id)
     template_kwargs: dict[str, Any] = {}
     if request.HasField("chat_template_kwargs"):
-        template_kwargs = check_template_kwargs(struct_to_python(request.chat_template_kwargs), limits, template)
+        template_kwargs = check_template_kwargs(
+            struct_to_python(request.chat_template_kwargs, "chat_template_kwargs"), limits, template
+        )
     template_tools = plan.tools if plan.shows_tools else None
     messages = conversation.messages
     if tool_parser_name is not None and parsing is not None:
@@ -143,9 +150,13 @@ async def prepare_chat_prompt(
 
     reasoning_format = parsing.detect_reasoning(template, tokenizer) if parsing is not None else None
     starts_inside = False
-    if reasoning_format is not None:
-        tail = tokenizer.decode(token_ids[-REASONING_TAIL_TOKENS:], skip_special_tokens=False)
-        starts_inside = parsing.prompt_opens_reasoning(reasoning_format, tail) if parsing is not None else False
+    if reasoning_format is not None and parsing is not None:
+        opened_by = await generation_prompt_suffix(
+            tokenizer, template, messages, tools=template_tools, template_kwargs=template_kwargs, limits=limits
+        )
+        if opened_by is None:
+            opened_by = tokenizer.decode(token_ids[-REASONING_TAIL_TOKENS:], skip_special_tokens=False)
+        starts_inside = parsing.prompt_opens_reasoning(reasoning_format, opened_by)
     forced_grammar = None
     if plan.forces_call and parsing is not None and tool_parser_name is not None:
         forced_grammar = parsing.forced_tool_call_grammar(
@@ -160,3 +171,48 @@ async def prepare_chat_prompt(
         reasoning_format=reasoning_format,
         starts_inside_reasoning=starts_inside,
     )
+
+
+async def generation_prompt_suffix(
+    tokenizer: Any,
+    template: str,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any],
+    limits: RequestLimits,
+) -> str | None:
+    """The text the generation prompt adds after the conversation, such as `<|im_start|>assistant` and
+    a newline, then `<think>` for templates that open a reasoning section there.
+
+    Whether the model's output starts inside a reasoning section is read from this text only: the
+    conversation's own text (a user message or tool result that ends with `<think>`) must not open one.
+    It is the conversation rendered with the generation prompt minus the same conversation rendered
+    without it. Rendering text is cheap next to tokenizing it (under a millisecond for a 300,000-character
+    conversation), so both renderings run, for reasoning models only, in one worker-thread call.
+
+    None when it cannot be told: the rendering without the generation prompt is not a prefix of the
+    one with it (a template that renders earlier turns differently), or that rendering fails or takes
+    too long. The caller then falls back to decoding the prompt's last `REASONING_TAIL_TOKENS` tokens,
+    which may include the end of the last message.
+    """
+
+    def render(add_generation_prompt: bool) -> str:
+        text = tokenizer.apply_chat_template(
+            messages,
+            tools=tools or None,
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **template_kwargs,
+        )
+        return str(text)
+
+    def suffix() -> str | None:
+        with_prompt, without_prompt = render(True), render(False)
+        return with_prompt[len(without_prompt) :] if with_prompt.startswith(without_prompt) else None
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(suffix), timeout=limits.chat_template_timeout_s)
+    except (TimeoutError, jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None

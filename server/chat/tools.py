@@ -84,7 +84,9 @@ def tools_from_proto(tools: Sequence[generation_pb2.Tool], limits: RequestLimits
             raise InvalidRequestError(f"{where}.function.name {name!r} is given twice; tool names must be unique")
         seen.add(name)
         parameters = (
-            struct_to_python(tool.function.parameters) if tool.function.HasField("parameters") else EMPTY_PARAMETERS
+            struct_to_python(tool.function.parameters, f"{where}.function.parameters")
+            if tool.function.HasField("parameters")
+            else EMPTY_PARAMETERS
         )
         function: dict[str, Any] = {"name": name, "parameters": parameters}
         if tool.function.description:

@@ -139,3 +139,57 @@ async def test_idle_models_unload_but_never_while_in_use(tmp_path: Path) -> None
     assert engine.shut_down
     assert registry.ids() == ["startup"]
     await registry.shutdown()
+
+
+class GatedShutdownEngine(FakeEngine):
+    """An engine whose shutdown waits for `finish_shutdown` (a real one joins its thread, frees memory)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shutting_down = asyncio.Event()
+        self.finish_shutdown = asyncio.Event()
+
+    async def shutdown(self) -> None:
+        self.shutting_down.set()
+        await self.finish_shutdown.wait()
+        self.shut_down = True
+
+
+class GatedLoader:
+    """Loads any id with an engine of its own."""
+
+    def __init__(self) -> None:
+        self.engines: dict[str, GatedShutdownEngine] = {}
+
+    def resolve(self, model_id: str) -> ModelSpec | None:
+        return ModelSpec(model_id, model_id)
+
+    async def load(self, spec: ModelSpec) -> ServedGenerationModel:
+        engine = self.engines[spec.model_id] = GatedShutdownEngine()
+        return generation_model(spec.model_id, engine)
+
+
+async def test_the_idle_unloader_checks_each_model_again_before_unloading_it() -> None:
+    """While one idle model's engine shuts down, another is leased by a request and a third is unloaded
+    by UnloadModel: the leased one stays loaded, the unloaded one is not unloaded twice."""
+    now = [1000.0]
+    loader = GatedLoader()
+    registry = ModelRegistry(loader=loader, enable_on_demand_loading=True, idle_unload_seconds=60, clock=lambda: now[0])
+    for model_id in ("a", "b", "c"):
+        await registry.load(model_id)
+    loader.engines["b"].finish_shutdown.set()
+    loader.engines["c"].finish_shutdown.set()
+    now[0] += 61
+    unloading = asyncio.create_task(registry.unload_idle())
+    await loader.engines["a"].shutting_down.wait()
+    await registry.generation_model("b")
+    async with registry.lease("b"):
+        assert await registry.unload("c")
+        loader.engines["a"].finish_shutdown.set()
+        assert await unloading == ["a"]
+        assert not loader.engines["b"].shutting_down.is_set()
+        assert registry.ids() == ["b"]
+    now[0] += 61
+    assert await registry.unload_idle() == ["b"]
+    assert loader.engines["b"].shut_down and registry.ids() == []
+    await registry.shutdown()

@@ -164,21 +164,30 @@ async def assert_invalid(request: pb.ChatRequest | pb.GenerateRequest, message: 
 
 
 @pytest.mark.parametrize(
-    "request_",
+    ("request_", "named"),
     [
-        pb.ChatRequest(
-            messages=[user("hi")],
-            tools=[pb.Tool(function=pb.FunctionDefinition(name="f", parameters=struct({"maximum": math.inf})))],
+        (
+            pb.ChatRequest(
+                messages=[user("hi")],
+                tools=[pb.Tool(function=pb.FunctionDefinition(name="f", parameters=struct({"maximum": math.inf})))],
+            ),
+            "tools[0].function.parameters has inf at maximum",
         ),
-        pb.ChatRequest(messages=[user("hi")], chat_template_kwargs=struct({"enable_thinking": math.nan})),
-        pb.ChatRequest(
-            messages=[user("hi")],
-            sampling=common_pb2.SamplingParams(response_format=json_schema_format({"maximum": math.nan})),
+        (
+            pb.ChatRequest(messages=[user("hi")], chat_template_kwargs=struct({"enable_thinking": math.nan})),
+            "chat_template_kwargs has nan at enable_thinking",
+        ),
+        (
+            pb.ChatRequest(
+                messages=[user("hi")],
+                sampling=common_pb2.SamplingParams(response_format=json_schema_format({"maximum": math.nan})),
+            ),
+            "sampling.response_format.json_schema has nan at maximum",
         ),
     ],
 )
-async def test_non_finite_struct_numbers_are_invalid_argument(request_: pb.ChatRequest) -> None:
-    await assert_invalid(request_, "numbers must be finite")
+async def test_non_finite_struct_numbers_are_invalid_argument(request_: pb.ChatRequest, named: str) -> None:
+    await assert_invalid(request_, f"{named}; numbers must be finite")
 
 
 @pytest.mark.parametrize("kind", ["chat", "generate"])
