@@ -175,12 +175,13 @@ class AsyncEngine:
             if self._engine.has_unfinished_requests:
                 if self._step():
                     consecutive_failures = 0
-                else:
-                    consecutive_failures += 1
-                    if consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
-                        logger.error("%d engine steps failed in a row", consecutive_failures)
-                        self._die()
-                        return
+                    continue  # the step published the stats
+                consecutive_failures += 1
+                if consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                    logger.error("%d engine steps failed in a row", consecutive_failures)
+                    self._die()
+                    return
+                continue
             self._publish_stats()
 
     def _admit(self, adds: list[tuple[EngineRequest, _Stream]]) -> None:
@@ -194,17 +195,21 @@ class AsyncEngine:
                 stream.deliver(RequestFailedError(f"the request could not be prepared ({type(error).__name__})"))
 
     def _step(self) -> bool:
+        """One engine step. The stats are published before the step's outputs (or errors) go out, so a
+        caller that got its request's last output sees that request's KV blocks freed."""
         try:
             outputs = self._engine.step()
         except Exception as error:
             logger.exception("engine step %d failed", self._engine.steps)
             failed = self._engine.fail_requests(self._engine.last_step_request_ids)
+            self._publish_stats()
             for request_id in failed:
                 self._deliver_error(
                     request_id,
                     RequestFailedError(f"the engine failed while running this request ({type(error).__name__})"),
                 )
             return False
+        self._publish_stats()
         self._deliver_step_outputs(outputs)
         return True
 

@@ -65,6 +65,23 @@ async def test_concurrent_streams_match_generate(llama, make_async_engine) -> No
     assert engine.stats().kv_blocks_used == 0
 
 
+async def test_a_steps_stats_are_published_before_its_outputs_go_out(make_async_engine) -> None:
+    """A caller that got its last output reads stats where the request's KV blocks are free (they
+    were published after the outputs, so a fast caller saw the previous step's counts)."""
+    engine = make_async_engine()
+    blocks_seen_at_the_end: list[int] = []
+    deliver = engine._deliver_step_outputs
+
+    def recording(outputs: list[RequestOutput]) -> None:
+        if any(output.finished for output in outputs):
+            blocks_seen_at_the_end.append(engine.stats().kv_blocks_used)
+        deliver(outputs)
+
+    engine._deliver_step_outputs = recording  # type: ignore[method-assign]
+    await collect(engine, EngineRequest("only", (2, 3, 4, 5, 6), greedy(6)))
+    assert blocks_seen_at_the_end == [0]
+
+
 async def test_errors_come_before_the_first_output(make_async_engine) -> None:
     engine = make_async_engine(max_waiting_requests=1, max_num_seqs=1)
     with pytest.raises(PromptTooLongError):
