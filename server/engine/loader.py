@@ -3,15 +3,20 @@
 Local folders only, plus the local hub cache (`HF_HUB_OFFLINE` is respected: nothing is
 downloaded). dtype "auto" is float32 on CPU (faster than bfloat16 on CPUs without AMX) and
 bfloat16 on CUDA. Speech models are loaded by the transcription module, not here.
+
+A folder that cannot be loaded (unreadable or truncated weights, missing tensors, no tokenizer) is
+always a ModelLoadError naming the reason, never a bare exception from transformers.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from protoserve.server.engine.errors import ModelLoadError, UnsupportedModelError
@@ -27,6 +32,10 @@ DTYPES = {
 }
 QUANTIZATIONS = {"4bit": "bnb-4bit", "8bit": "bnb-8bit"}
 SPEECH_MODEL_TYPES = frozenset({"whisper", "wav2vec2", "speech_to_text", "moonshine", "seamless_m4t"})
+MISSING_WEIGHTS_NAMED = 5  # how many missing tensors a load error names
+REASON_CHARS = 300  # how much of a library's error message a load error quotes
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,14 @@ def _context_length(config: Any, tokenizer: Any) -> int:
     raise UnsupportedModelError("the model config states no context length (max_position_embeddings)")
 
 
+def describe_load_error(error: BaseException) -> str:
+    """`Type: message` on one line and cut short, for load errors (transformers' messages run to many lines)."""
+    message = " ".join(str(error).split()) or "no details"
+    if len(message) > REASON_CHARS:
+        message = message[: REASON_CHARS - 3] + "..."
+    return f"{type(error).__name__}: {message}"
+
+
 def _read_config(auto_config: Any, folder: Path, common: dict[str, Any]) -> Any:
     """The model's config, from config.json or the GGUF file's metadata; a file transformers cannot
     read is a ModelLoadError, an architecture it does not know an UnsupportedModelError."""
@@ -136,7 +153,7 @@ def _read_config(auto_config: Any, folder: Path, common: dict[str, Any]) -> Any:
     try:
         return auto_config.from_pretrained(folder, **common)
     except Exception as error:  # struct.error, ValueError, OSError, KeyError, ... from the readers
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no details'}"
+        reason = describe_load_error(error)
         if gguf_file is not None:
             raise ModelLoadError(f"GGUF file {gguf_file} in {folder} could not be read ({reason})") from error
         if isinstance(error, ValueError):
@@ -158,15 +175,51 @@ def _load_processor(folder: Path, common: dict[str, Any]) -> Any:
         raise ModelLoadError(
             f"{folder.name} takes images, but its processor needs a package that is not installed: {details}"
         ) from error
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except Exception as error:  # OSError, ValueError, KeyError, TypeError, ... from the processor files
+        logger.warning("the image processor in %s could not be loaded", folder, exc_info=True)
         raise ModelLoadError(
-            f"the image processor of {folder.name} could not be loaded ({type(error).__name__}: {error})"
+            f"the image processor of {folder.name} could not be loaded ({describe_load_error(error)})"
         ) from error
+
+
+def missing_weights(model: Any, loading_info: dict[str, Any]) -> list[str]:
+    """The model's parameters that the checkpoint did not hold, sorted: from_pretrained left them
+    randomly initialised. Not counted: tied parameters (lm_head.weight under tie_word_embeddings,
+    filled from the embeddings), keys the model declares optional (_keys_to_ignore_on_load_missing)
+    and buffers (transformers computes them). Unexpected keys, extra tensors in the checkpoint,
+    are never counted: many checkpoints carry old buffers."""
+    reported = set(loading_info.get("missing_keys") or ())
+    if not reported:
+        return []
+    parameters = {name for name, _ in model.named_parameters()}  # a tied parameter appears once, as its source
+    tied = set(getattr(model, "all_tied_weights_keys", None) or ())
+    patterns = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or ())
+    optional = re.compile("|".join(f"(?:{pattern})" for pattern in patterns)) if patterns else None
+    return sorted(
+        key
+        for key in reported
+        if key in parameters and key not in tied and (optional is None or optional.search(key) is None)
+    )
+
+
+def check_weights_complete(model: Any, loading_info: dict[str, Any], folder: Path) -> None:
+    """Raise ModelLoadError when the checkpoint left parameters random (`loading_info` is what
+    from_pretrained(..., output_loading_info=True) returned). Every loading path reports it in
+    transformers 5 (safetensors and .bin folders, GGUF files, bitsandbytes 4/8-bit), so all are checked."""
+    missing = missing_weights(model, loading_info)
+    if not missing:
+        return
+    named = ", ".join(missing[:MISSING_WEIGHTS_NAMED]) + (", ..." if len(missing) > MISSING_WEIGHTS_NAMED else "")
+    raise ModelLoadError(
+        f"the weights in {folder} do not match its config: {len(missing)} of the model's tensors are missing "
+        f"from the checkpoint ({named}); the files are incomplete or belong to another model"
+    )
 
 
 def load_model(options: LoadOptions) -> LoadedModel:
     """Load weights, tokenizer and (for vision models) processor. Raises ModelLoadError for bad
-    options or a missing folder, UnsupportedModelError for architectures the engine cannot drive."""
+    options, a missing folder, files that cannot be loaded and weights that leave tensors of the
+    model random; UnsupportedModelError for architectures the engine cannot drive."""
     from protoserve.server.engine.model_runner import check_supported
     from protoserve.server.engine.multimodal import supports_images
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
@@ -184,9 +237,15 @@ def load_model(options: LoadOptions) -> LoadedModel:
             raise ModelLoadError(f"GGUF file {options.gguf_file} not found in {folder}")
         common["gguf_file"] = options.gguf_file
     config = _read_config(AutoConfig, folder, common)
-    if getattr(config, "model_type", "") in SPEECH_MODEL_TYPES:
+    model_type = getattr(config, "model_type", "")
+    if model_type == "whisper":
         raise UnsupportedModelError(
-            f"{config.model_type} is a speech model; it is served by the transcription service, not the engine"
+            "whisper is a speech model; it is served by the transcription service, not the engine"
+        )
+    if model_type in SPEECH_MODEL_TYPES:
+        raise UnsupportedModelError(
+            f"{model_type} is a speech model, and the only speech models served are whisper models; "
+            "the engine serves text and vision-language models"
         )
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(
@@ -198,6 +257,9 @@ def load_model(options: LoadOptions) -> LoadedModel:
     if options.quantization is not None:
         from transformers import BitsAndBytesConfig
 
+        # A quantized model cannot be moved after loading: bitsandbytes places it as it loads, and
+        # without a device_map it picks cuda:0 whenever CUDA is available, whatever --device says.
+        load_kwargs["device_map"] = {"": str(device)}
         if options.quantization == "4bit":
             load_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
         else:
@@ -206,21 +268,38 @@ def load_model(options: LoadOptions) -> LoadedModel:
     is_vision = hasattr(config, "vision_config")
     model_class = AutoModelForImageTextToText if is_vision else AutoModelForCausalLM
     try:
-        model = model_class.from_pretrained(folder, **load_kwargs)
-    except Exception as error:
+        model, loading_info = cast(
+            tuple[Any, dict[str, Any]], model_class.from_pretrained(folder, output_loading_info=True, **load_kwargs)
+        )
+    except Exception as error:  # SafetensorError, OSError (no or missing weight files), RuntimeError (shapes), ...
+        # Broken files are the usual cause, but keep a bug of ours visible in the server log.
+        logger.warning("the weights in %s could not be loaded", folder, exc_info=True)
         if options.gguf_file is not None:  # a header that reads but tensors that do not, an unknown tensor type
             raise ModelLoadError(
-                f"the weights of GGUF file {options.gguf_file} could not be loaded ({type(error).__name__}: {error})"
+                f"the weights of GGUF file {options.gguf_file} could not be loaded ({describe_load_error(error)})"
             ) from error
-        if isinstance(error, ValueError):  # "Unrecognized configuration class ..." for unknown architectures
+        if isinstance(error, ValueError) and "Unrecognized configuration class" in str(error):
             raise UnsupportedModelError(f"cannot load {folder.name} as a generative model: {error}") from error
-        raise
+        hint = ""
+        if "ignore_mismatched_sizes" in str(error):  # transformers' report of the shapes went to the server log
+            hint = "; the shapes of its tensors do not fit config.json (the server log lists them)"
+        raise ModelLoadError(
+            f"the weights in {folder} could not be loaded ({describe_load_error(error)}){hint}"
+        ) from error
+    check_weights_complete(model, loading_info, folder)
     if options.quantization is None:
-        model.to(device)  # type: ignore[arg-type]
+        model.to(device)
     model.eval()
     check_supported(model)
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, **common)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **common)
+    except Exception as error:  # no tokenizer files (ValueError), unreadable ones (OSError, JSON errors), ...
+        logger.warning("the tokenizer in %s could not be loaded", folder, exc_info=True)
+        raise ModelLoadError(
+            f"the tokenizer in {folder} could not be loaded ({describe_load_error(error)}); a model folder needs its "
+            "tokenizer files (tokenizer.json or the model's vocabulary files, and tokenizer_config.json)"
+        ) from error
     processor = None
     modalities: tuple[str, ...] = ("text",)
     if supports_images(model):

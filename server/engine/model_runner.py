@@ -48,8 +48,29 @@ class KVCacheShape:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
 
 
+def _bidirectional_text_attention(model: PreTrainedModel) -> str | None:
+    """The name of an attention layer of the text model that is not causal, or None.
+
+    transformers marks each attention module with `is_causal`. Encoder-only models loaded through
+    AutoModelForCausalLM (a BertForMaskedLM checkpoint becomes BertLMHeadModel with is_decoder False)
+    keep bidirectional attention, which the paged attention (always causal) would silently change.
+    Only the layers the paged attention would drive count: modules with a `layer_idx` configured by
+    the text config (the config it sets the attention implementation on). A vision tower's encoder
+    is rightly bidirectional and keeps its own attention. Modules without the flag count as causal."""
+    text_config = model.config.get_text_config()
+    for module_name, module in model.named_modules():
+        if (
+            getattr(module, "config", None) is text_config
+            and hasattr(module, "layer_idx")
+            and getattr(module, "is_causal", True) is False
+        ):
+            return module_name
+    return None
+
+
 def check_supported(model: PreTrainedModel) -> None:
-    """Raise UnsupportedModelError for architectures the paged attention cannot drive."""
+    """Raise UnsupportedModelError for architectures the paged attention cannot drive, and for models
+    that are not causal decoders (encoder-only models, whose attention is bidirectional)."""
     config = model.config
     name = type(model).__name__
     if getattr(config, "is_encoder_decoder", False):
@@ -71,6 +92,13 @@ def check_supported(model: PreTrainedModel) -> None:
         )
     if getattr(text_config, "attention_chunk_size", None):
         raise UnsupportedModelError(f"{name} uses chunked local attention, which the engine does not support")
+    bidirectional = _bidirectional_text_attention(model)
+    if bidirectional is not None:
+        raise UnsupportedModelError(
+            f"{name} attends in both directions ({bidirectional} has is_causal False): it is an encoder "
+            "(BERT-like, masked LM) or a prefix-LM, not a causal decoder, and the engine generates only "
+            "with causal decoders"
+        )
 
 
 def kv_cache_shape(model: PreTrainedModel, dtype: torch.dtype) -> KVCacheShape:

@@ -23,18 +23,19 @@ import asyncio
 import functools
 import hashlib
 import json
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from protoserve.server.engine import compute_threads
-from protoserve.server.engine.errors import InvalidRequestError, UnsupportedModelError
+from protoserve.server.engine.errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from protoserve.server.transcription.audio import SAMPLE_RATE, AudioClip, decode_audio
 from protoserve.server.transcription.contract import (
     DoneEvent,
@@ -51,6 +52,8 @@ from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForCondi
 WINDOW_SECONDS = 30.0
 MIN_WINDOW_SECONDS = 0.1  # a tail shorter than this is not decoded
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+logger = logging.getLogger(__name__)
 
 
 def request_seed(audio: bytes, options: TranscribeOptions) -> int:
@@ -258,8 +261,12 @@ def load_speech_model(
     """Load a transformers whisper folder (model, feature extractor and tokenizer files).
 
     Raises FileNotFoundError for a missing folder, UnsupportedModelError for a folder that is not a
-    whisper model, ValueError for an unknown dtype or device.
+    whisper model, ValueError for an unknown dtype or device, and ModelLoadError naming the reason
+    for files that cannot be loaded (truncated or missing weights, weights missing tensors, no
+    tokenizer or feature extractor files).
     """
+    from protoserve.server.engine.loader import check_weights_complete, describe_load_error
+
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"no model folder with a config.json at {folder}")
@@ -268,12 +275,23 @@ def load_speech_model(
         raise UnsupportedModelError(f"{folder} holds a {model_type!r} model; speech models must be whisper")
     resolved_device = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, resolved_device)
+    part = "weights"
     try:
-        model = WhisperForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype)
+        model, loading_info = cast(
+            tuple[WhisperForConditionalGeneration, dict[str, Any]],
+            WhisperForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype, output_loading_info=True),
+        )
+        part = "feature extractor"
         feature_extractor = WhisperFeatureExtractor.from_pretrained(folder)
+        part = "tokenizer"
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError, KeyError) as error:
-        raise UnsupportedModelError(f"{folder} is not a loadable whisper model: {error}") from error
+    except Exception as error:  # SafetensorError, OSError, ValueError, RuntimeError (shapes), ...
+        # Broken files are the usual cause, but keep a bug of ours visible in the server log.
+        logger.warning("the %s of the whisper model in %s could not be loaded", part, folder, exc_info=True)
+        raise ModelLoadError(
+            f"the {part} of the whisper model in {folder} could not be loaded ({describe_load_error(error)})"
+        ) from error
+    check_weights_complete(model, loading_info, folder)
     torch.nn.Module.to(model, resolved_device)
     model.eval()
     return SpeechModel(model, feature_extractor, tokenizer, model_id or folder.name)
