@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import threading
+import traceback
 import wave
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +55,9 @@ async def run_in_daemon_thread(function: Callable[..., T], *args: Any, **kwargs:
         try:
             result = function(*args, **kwargs)
         except BaseException as error:  # delivered to the awaiting coroutine
+            # The traceback keeps the failed load's frames, and with them a half-loaded model (GPU
+            # memory too) until the exception is dropped and a garbage collection runs: drop their locals.
+            traceback.clear_frames(error.__traceback__)
             failure = error
         try:
             loop.call_soon_threadsafe(deliver, result, failure)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import threading
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -72,6 +74,30 @@ async def test_daemon_thread_delivers_results_and_errors() -> None:
     assert await run_in_daemon_thread(sum, [1, 2, 3]) == 6
     with pytest.raises(ZeroDivisionError):
         await run_in_daemon_thread(lambda: 1 / 0)
+
+
+class _HalfLoadedModel:
+    """Stands for weights a load had in hand when it failed."""
+
+
+async def test_a_failed_load_does_not_keep_what_it_had_loaded() -> None:
+    """The error's traceback held the failed load's frames and a half-loaded model with them (GPU
+    memory too) until a garbage collection ran; their locals are dropped, so it is freed at once."""
+    loaded: list[weakref.ref[_HalfLoadedModel]] = []
+
+    def load_then_fail() -> None:
+        model = _HalfLoadedModel()
+        loaded.append(weakref.ref(model))
+        raise ValueError("the tokenizer could not be loaded")
+
+    gc.disable()  # freed by reference counting alone, not by a collection
+    try:
+        with pytest.raises(ValueError, match="tokenizer") as raised:
+            await run_in_daemon_thread(load_then_fail)
+        assert loaded[0]() is None
+        assert raised.value.__traceback__ is not None  # where it failed is still known
+    finally:
+        gc.enable()
 
 
 def test_descriptions() -> None:
