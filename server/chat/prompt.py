@@ -14,13 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import jinja2
 from protoserve.server.chat.composer import ChoiceComposer
 from protoserve.server.chat.images import load_images, processed_prompt
 from protoserve.server.chat.messages import conversation_from_proto
 from protoserve.server.chat.parsing_hooks import ChatParsing
 from protoserve.server.chat.template import (
     check_template_kwargs,
+    generation_prompt_suffix,
     render_text,
     render_token_ids,
     require_chat_template,
@@ -171,48 +171,3 @@ async def prepare_chat_prompt(
         reasoning_format=reasoning_format,
         starts_inside_reasoning=starts_inside,
     )
-
-
-async def generation_prompt_suffix(
-    tokenizer: Any,
-    template: str,
-    messages: list[dict[str, Any]],
-    *,
-    tools: list[dict[str, Any]] | None,
-    template_kwargs: dict[str, Any],
-    limits: RequestLimits,
-) -> str | None:
-    """The text the generation prompt adds after the conversation, such as `<|im_start|>assistant` and
-    a newline, then `<think>` for templates that open a reasoning section there.
-
-    Whether the model's output starts inside a reasoning section is read from this text only: the
-    conversation's own text (a user message or tool result that ends with `<think>`) must not open one.
-    It is the conversation rendered with the generation prompt minus the same conversation rendered
-    without it. Rendering text is cheap next to tokenizing it (under a millisecond for a 300,000-character
-    conversation), so both renderings run, for reasoning models only, in one worker-thread call.
-
-    None when it cannot be told: the rendering without the generation prompt is not a prefix of the
-    one with it (a template that renders earlier turns differently), or that rendering fails or takes
-    too long. The caller then falls back to decoding the prompt's last `REASONING_TAIL_TOKENS` tokens,
-    which may include the end of the last message.
-    """
-
-    def render(add_generation_prompt: bool) -> str:
-        text = tokenizer.apply_chat_template(
-            messages,
-            tools=tools or None,
-            chat_template=template,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=False,
-            **template_kwargs,
-        )
-        return str(text)
-
-    def suffix() -> str | None:
-        with_prompt, without_prompt = render(True), render(False)
-        return with_prompt[len(without_prompt) :] if with_prompt.startswith(without_prompt) else None
-
-    try:
-        return await asyncio.wait_for(asyncio.to_thread(suffix), timeout=limits.chat_template_timeout_s)
-    except (TimeoutError, jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return None

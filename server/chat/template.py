@@ -9,6 +9,8 @@ call into Python. On top of that, this module:
 - passes on only the kwargs the template reads (anything else would reach a processor's own options,
   such as image sizes), caps their size, and caps the time one rendering may take;
 - refuses a rendered prompt longer than `max_prompt_chars` before it is tokenized;
+- tells what the generation prompt adds to a conversation (`generation_prompt_suffix`), so that a
+  reasoning section is taken as opened only by the template, never by a message's own text;
 - asks the tokenizer to encode control tokens found in caller text (`<|im_end|>` typed by a user) as
   plain text (`sanitize_control_tokens`), so a message cannot forge another role's turn;
 - reports a template's own refusals (`raise_exception(...)`) as INVALID_ARGUMENT.
@@ -120,6 +122,28 @@ async def _run_bounded(work: Callable[[], _Result], limits: RequestLimits) -> _R
         ) from None
 
 
+def _template_text(
+    tokenizer: Any,
+    template: str,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any],
+    add_generation_prompt: bool = True,
+) -> str:
+    """The conversation rendered as text (blocking: call it in a worker thread)."""
+    return str(
+        tokenizer.apply_chat_template(
+            messages,
+            tools=tools or None,
+            chat_template=template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            **template_kwargs,
+        )
+    )
+
+
 def _rendered_text(
     tokenizer: Any,
     template: str,
@@ -130,16 +154,7 @@ def _rendered_text(
     limits: RequestLimits,
 ) -> str:
     """The rendered prompt text, refused when longer than `max_prompt_chars`. Runs in a worker thread."""
-    text = str(
-        tokenizer.apply_chat_template(
-            messages,
-            tools=tools or None,
-            chat_template=template,
-            add_generation_prompt=True,
-            tokenize=False,
-            **template_kwargs,
-        )
-    )
+    text = _template_text(tokenizer, template, messages, tools=tools, template_kwargs=template_kwargs)
     if len(text) > limits.max_prompt_chars:
         raise InvalidRequestError(
             f"the rendered conversation has {len(text)} characters; at most {limits.max_prompt_chars} allowed"
@@ -253,3 +268,47 @@ def control_tokens_in(tokenizer: Any, caller_data: list[Any]) -> str | None:
     text = json.dumps(caller_data, ensure_ascii=False, default=lambda value: "")
     tokens = {*getattr(tokenizer, "all_special_tokens", []), *tokenizer.get_added_vocab()}
     return next((token for token in sorted(tokens, key=len, reverse=True) if token and token in text), None)
+
+
+async def generation_prompt_suffix(
+    tokenizer: Any,
+    template: str,
+    messages: list[dict[str, Any]],
+    *,
+    tools: list[dict[str, Any]] | None,
+    template_kwargs: dict[str, Any],
+    limits: RequestLimits,
+) -> str | None:
+    """The text the generation prompt adds after the conversation, such as `<|im_start|>assistant` and
+    a newline, then `<think>` for templates that open a reasoning section there.
+
+    Whether the model's output starts inside a reasoning section is read from this text only: the
+    conversation's own text (a user message or tool result that ends with `<think>`) must not open one.
+    It is the conversation rendered with the generation prompt minus the same conversation rendered
+    without it. Rendering text is cheap next to tokenizing it (under a millisecond for a 300,000-character
+    conversation), so both renderings run, for reasoning models only, in one worker-thread call.
+
+    None when it cannot be told: the rendering without the generation prompt is not a prefix of the
+    one with it (a template that renders earlier turns differently), or that rendering fails or takes
+    too long. The caller then falls back to decoding the prompt's last `REASONING_TAIL_TOKENS` tokens,
+    which may include the end of the last message.
+    """
+
+    def render(add_generation_prompt: bool) -> str:
+        return _template_text(
+            tokenizer,
+            template,
+            messages,
+            tools=tools,
+            template_kwargs=template_kwargs,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def suffix() -> str | None:
+        with_prompt, without_prompt = render(True), render(False)
+        return with_prompt[len(without_prompt) :] if with_prompt.startswith(without_prompt) else None
+
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(suffix), timeout=limits.chat_template_timeout_s)
+    except (TimeoutError, jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None

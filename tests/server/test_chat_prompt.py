@@ -6,7 +6,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from protoserve.server.chat.prompt import generation_prompt_suffix, prepare_chat_prompt
+from protoserve.server.chat.prompt import prepare_chat_prompt
+from protoserve.server.chat.template import generation_prompt_suffix
 from protoserve.server.limits import RequestLimits
 from protoserve.v1 import generation_pb2 as pb
 
