@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+from protoserve.client.api_keys import api_keys_in
 from protoserve.server.interceptors import is_infrastructure_method, rejecting_handler
 
 logger = logging.getLogger("protoserve.server.auth")
@@ -29,8 +30,7 @@ def read_api_key_file(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ValueError(f"cannot read the API key file {str(path)!r}: {exc.strerror}") from None
-    keys = [line.strip() for line in text.splitlines()]
-    return [key for key in keys if key and not key.startswith("#")]
+    return api_keys_in(text)
 
 
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:

@@ -8,6 +8,7 @@ import logging
 import signal
 from pathlib import Path
 
+from protoserve.client.api_keys import api_keys_in
 from protoserve.client.channel import TLSOptions
 from protoserve.translator.config import MEBIBYTE, TranslatorConfig
 from protoserve.translator.server import start_translator
@@ -44,8 +45,7 @@ def add_translate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_keys(path: Path) -> list[str]:
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return api_keys_in(path.read_text(encoding="utf-8"))
 
 
 def config_from_arguments(args: argparse.Namespace) -> TranslatorConfig:

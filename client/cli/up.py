@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from protoserve.client.api_keys import api_keys_in
 from protoserve.client.cli.supervisor import ChildProcess, Supervisor, wait_for_tcp_port
 
 DEFAULT_GRPC_PORT = 50051
@@ -144,16 +145,6 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
 
 
-def read_api_keys(text: str) -> list[str]:
-    """The keys of an API key file's text, one a line: stripped; blank lines and '#' comments skipped.
-
-    The same rule as the server's `read_api_key_file` and the translator's key files (the client does
-    not import the server; tests/cli/test_up.py checks that the two agree).
-    """
-    keys = [line.strip() for line in text.splitlines()]
-    return [key for key in keys if key and not key.startswith("#")]
-
-
 @dataclass(frozen=True)
 class ApiKeyFile:
     """A readable file holding at least one API key; `first_key` is the one `up` itself sends."""
@@ -166,7 +157,7 @@ def _api_key_file(text: str) -> ApiKeyFile:
     """--api-key-file: read now, so an unreadable or keyless file is a usage error before anything starts."""
     path = Path(text)
     try:
-        keys = read_api_keys(path.read_text(encoding="utf-8"))
+        keys = api_keys_in(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise argparse.ArgumentTypeError(f"cannot read {text!r}: {error.strerror or error}") from None
     except UnicodeDecodeError:

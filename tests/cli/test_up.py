@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from protoserve.client.api_keys import api_keys_in
 from protoserve.client.cli import models as models_cli
 from protoserve.client.cli import up
 
@@ -176,12 +177,8 @@ def test_run_hands_the_given_key_file_to_the_children(tmp_path: Path, monkeypatc
     assert plan.server_command[-2:] == ("--api-key-file", str(key_file)) and plan.api_key == "sk-file-key"
 
 
-def test_api_key_file_is_read_as_the_server_reads_it(tmp_path: Path) -> None:
-    from protoserve.server.auth import read_api_key_file  # grpc only, no torch
-
-    path = tmp_path / "api-keys"
-    path.write_text(KEY_FILE_TEXT)
-    assert up.read_api_keys(KEY_FILE_TEXT) == read_api_key_file(path) == ["sk-file-key", "sk-second-key"]
+def test_api_key_file_text_gives_its_keys() -> None:
+    assert api_keys_in(KEY_FILE_TEXT) == ["sk-file-key", "sk-second-key"]  # what serve, translate and up read
 
 
 @pytest.mark.parametrize(

@@ -13,15 +13,7 @@ from protoserve.server.engine.loader import LoadOptions, load_model
 from protoserve.server.engine.model_runner import check_supported
 from transformers import MambaConfig, MambaForCausalLM, Qwen2VLConfig, T5Config, WhisperConfig
 
-from .engine_fixtures import EOS_TOKEN_ID, build_model, greedy, run_until_done, tiny_llama_config, word_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    build_model(tiny_llama_config()).save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
+from .engine_fixtures import EOS_TOKEN_ID, greedy, run_until_done
 
 
 def test_loaded_model_describes_itself(tiny_folder: Path) -> None:

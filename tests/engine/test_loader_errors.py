@@ -33,14 +33,6 @@ SMALL = {"vocab_size": 512, "hidden_size": 32, "num_hidden_layers": 2, "num_atte
 SMALL_ENCODER = {**SMALL, "intermediate_size": 64, "max_position_embeddings": 64}
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    build_model(tiny_llama_config()).save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def broken_copy(tiny_folder: Path, tmp_path: Path, change: Callable[[Path], None]) -> Path:
     folder = tmp_path / "broken"
     shutil.copytree(tiny_folder, folder)
@@ -174,11 +166,12 @@ def test_missing_weights_leaves_out_tied_optional_and_buffer_keys() -> None:
     assert missing_weights(model, {"missing_keys": set(), "unexpected_keys": {"x"}}) == []
 
 
-@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+@pytest.mark.parametrize("quantization", ["8bit", "4bit", None])
 def test_quantized_loads_are_placed_on_the_asked_device(
-    tiny_folder: Path, monkeypatch: pytest.MonkeyPatch, quantization: str
+    tiny_folder: Path, monkeypatch: pytest.MonkeyPatch, quantization: str | None
 ) -> None:
-    # Without a device_map, bitsandbytes puts the model on cuda:0 whenever CUDA is available.
+    """Without a device_map, bitsandbytes puts the model on cuda:0 whenever CUDA is available; an
+    unquantized model is moved after loading and gets none."""
     seen: dict[str, Any] = {}
     real = AutoModelForCausalLM.from_pretrained
 
@@ -188,21 +181,8 @@ def test_quantized_loads_are_placed_on_the_asked_device(
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     loaded = load_model(LoadOptions(str(tiny_folder), device="cpu", quantization=quantization))
-    assert seen["device_map"] == {"": "cpu"}
-    assert (loaded.device, loaded.quantization) == ("cpu", f"bnb-{quantization}")
-
-
-def test_unquantized_loads_pass_no_device_map(tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: dict[str, Any] = {}
-    real = AutoModelForCausalLM.from_pretrained
-
-    def spy(folder: Path, **kwargs: Any) -> Any:
-        seen.update(kwargs)
-        return real(folder, **kwargs)
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
-    load_model(LoadOptions(str(tiny_folder), device="cpu"))
-    assert "device_map" not in seen
+    assert seen.get("device_map") == ({"": "cpu"} if quantization else None)
+    assert (loaded.device, loaded.quantization) == ("cpu", f"bnb-{quantization}" if quantization else "none")
 
 
 def test_speech_models_other_than_whisper_are_refused_truthfully(tmp_path: Path) -> None:
